@@ -1,0 +1,65 @@
+"""The `uffdsnap` command: one entry point, one subcommand per module.
+
+Each command module exposes `configure(parser)` and `run(args) -> int`; this file only builds the
+parser, dispatches, and turns every expected failure into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import NoReturn
+
+from uffdsnap.errors import SnapshotFailed, UserError
+from uffdsnap.output import error_line
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("uffdsnap.doctor", "check whether this machine can take snapshots, and why not"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line (plus a pointer to --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        error_line(f"{message} (see `{self.prog} --help`)")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="uffdsnap", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="uffdsnap 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args))
+    except (UserError, SnapshotFailed) as e:
+        return _fail(args, str(e), e.exit_code)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", 130)
+    except OSError as e:
+        return _fail(args, str(e), 1)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps({"ok": False, "error": message}) + "\n")
+    error_line(message)
+    return code

@@ -1,0 +1,197 @@
+"""/proc: who maps a shared-memory object, where, and how to open that object read-only.
+
+An object is identified by (device, inode) as /proc/PID/maps prints them, so a memfd, a /dev/shm
+file, a hugetlbfs file and a MAP_SHARED|MAP_ANONYMOUS region (a "/dev/zero (deleted)" shmem inode)
+are all found the same way, in every process, at every address and file offset.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+from uffdsnap.kernel._libc import KernelError, libc
+
+TMPFS_MAGIC = 0x01021994
+HUGETLBFS_MAGIC = 0x958458F6
+
+
+@dataclass(frozen=True)
+class ObjectId:
+    """Identity of a shared-memory object: device numbers and inode as /proc/PID/maps shows them."""
+
+    major: int
+    minor: int
+    inode: int
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> ObjectId:
+        return cls(os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+
+    def __str__(self) -> str:
+        return f"{self.major:02x}:{self.minor:02x} inode {self.inode}"
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    object_id: ObjectId
+    path: str
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    def address_of(self, offset: int) -> int | None:
+        """Virtual address of object `offset` in this mapping, or None if not mapped here."""
+        rel = offset - self.offset
+        return self.start + rel if 0 <= rel < self.length else None
+
+    def offset_of(self, address: int) -> int | None:
+        """Object offset of virtual `address`, or None if outside this mapping."""
+        return self.offset + address - self.start if self.start <= address < self.end else None
+
+
+_MAPS_LINE = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][sp]) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$"
+)
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    """Parse the text of /proc/PID/maps; malformed lines raise ValueError."""
+    out = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        m = _MAPS_LINE.match(line)
+        if not m:
+            raise ValueError(f"unparseable /proc/PID/maps line: {line!r}")
+        start, end, perms, off, major, minor, ino, path = m.groups()
+        out.append(Mapping(int(start, 16), int(end, 16), perms, int(off, 16),
+                           ObjectId(int(major, 16), int(minor, 16), int(ino)), path))
+    return out
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    """The mappings of process `pid`; ProcessLookupError if it is gone."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    return parse_maps(text)
+
+
+def mappings_of(pid: int, obj: ObjectId) -> list[Mapping]:
+    """Shared mappings of `obj` in process `pid` (private mappings never write to the object)."""
+    return [m for m in read_maps(pid) if m.object_id == obj and m.shared]
+
+
+def all_pids() -> list[int]:
+    return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def find_mappers(obj: ObjectId, exclude: set[int] | None = None) -> dict[int, list[Mapping]]:
+    """Every process with a shared mapping of `obj`: {pid: [mappings]}. Processes that vanish or
+    that we may not inspect while we look are skipped."""
+    found: dict[int, list[Mapping]] = {}
+    for pid in all_pids():
+        if exclude and pid in exclude:
+            continue
+        try:
+            maps = mappings_of(pid, obj)
+        except (ProcessLookupError, PermissionError, ProcessLookupError):
+            continue
+        except OSError as e:  # ESRCH while reading a dying process
+            if e.errno in (errno.ESRCH, errno.ENOENT, errno.EACCES):
+                continue
+            raise
+        if maps:
+            found[pid] = maps
+    return found
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long)] + [
+        ("rest", ctypes.c_byte * 104)
+    ]
+
+
+def filesystem_type(fd: int) -> int:
+    """statfs f_type of the filesystem holding open file `fd`."""
+    buf = _Statfs()
+    if libc.fstatfs(fd, ctypes.byref(buf)) < 0:
+        raise KernelError("fstatfs", ctypes.get_errno(), f"fd={fd}")
+    return buf.f_type & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SharedObject:
+    """An opened shared-memory object: read-only fd, identity, size, page size, kind."""
+
+    fd: int
+    spec: str
+    object_id: ObjectId
+    size: int
+    page_size: int
+    hugetlb: bool
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_MAP_FILES = re.compile(r"^/proc/(\d+|self)/map_files/([0-9a-f]+)-([0-9a-f]+)$")
+_PROC_FD = re.compile(r"^/proc/(\d+|self)/fd/(\d+)$")
+
+
+class ObjectError(ValueError):
+    """OBJECT cannot be snapshotted; the message says why in one line."""
+
+
+def open_object(spec: str) -> SharedObject:
+    """Open the shared-memory object named by `spec` read-only.
+
+    `spec` is a /dev/shm (tmpfs) or hugetlbfs path, /proc/PID/fd/N (e.g. a memfd), or
+    /proc/PID/map_files/START-END (MAP_SHARED|MAP_ANONYMOUS memory). The coordinator only ever
+    reads through this fd, so it can never fault on protected memory itself.
+    """
+    try:
+        fd = os.open(spec, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ObjectError(f"{spec}: no such object") from None
+    except PermissionError:
+        raise ObjectError(f"{spec}: permission denied (run as root or the object's owner)") from None
+    except OSError as e:
+        raise ObjectError(f"{spec}: cannot open: {os.strerror(e.errno or 0)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectError(f"{spec}: not a regular shared-memory file")
+        fstype = filesystem_type(fd)
+        if fstype not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
+            raise ObjectError(
+                f"{spec}: not shared memory (tmpfs/shmem or hugetlbfs): userfaultfd write-protect"
+                " does not cover other file systems"
+            )
+        return SharedObject(fd, spec, ObjectId.from_stat(st), st.st_size, st.st_blksize,
+                            fstype == HUGETLBFS_MAGIC)
+    except BaseException:
+        os.close(fd)
+        raise
