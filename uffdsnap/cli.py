@@ -19,7 +19,8 @@ from uffdsnap.output import error_line
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("uffdsnap.commands.doctor",
                "check whether this machine can take snapshots, and why not"),
-    "snapshot": ("uffdsnap.commands.snapshot", "take one consistent snapshot of live shared memory"),
+    "snapshot": ("uffdsnap.commands.snapshot",
+                 "take one consistent snapshot of live shared memory"),
     "coordinator": ("uffdsnap.commands.coordinator",
                     "run a long-lived coordinator that enlisting workloads join"),
     "agent": ("uffdsnap.commands.agent", "run the agent for one process (attach or enlist)"),

@@ -25,9 +25,11 @@ _HINTS: dict[int, str] = {
     "or access to /dev/userfaultfd); run `uffdsnap doctor`",
     errno.EACCES: "permission denied; run `uffdsnap doctor`",
     errno.ESRCH: "the process that created this userfaultfd has exited",
-    errno.EAGAIN: "a fork/remap/remove event is pending on the userfaultfd: read events, then retry",
+    errno.EAGAIN: "a fork/remap/remove event is pending on the userfaultfd: "
+    "read events, then retry",
     errno.ENOSYS: "this kernel lacks the call; run `uffdsnap doctor`",
-    errno.EINVAL: "the kernel rejected the arguments (unsupported feature, mode, or unaligned range)",
+    errno.EINVAL: "the kernel rejected the arguments "
+    "(unsupported feature, mode, or unaligned range)",
     errno.ENOENT: "no such file or process",
 }
 

@@ -117,7 +117,7 @@ def find_mappers(obj: ObjectId, exclude: set[int] | None = None) -> dict[int, li
             continue
         try:
             maps = mappings_of(pid, obj)
-        except (ProcessLookupError, PermissionError, ProcessLookupError):
+        except (ProcessLookupError, PermissionError):
             continue
         except OSError as e:  # ESRCH while reading a dying process
             if e.errno in (errno.ESRCH, errno.ENOENT, errno.EACCES):
@@ -177,7 +177,8 @@ def open_object(spec: str) -> SharedObject:
     except FileNotFoundError:
         raise ObjectError(f"{spec}: no such object") from None
     except PermissionError:
-        raise ObjectError(f"{spec}: permission denied (run as root or the object's owner)") from None
+        raise ObjectError(
+            f"{spec}: permission denied (run as root or the object's owner)") from None
     except OSError as e:
         raise ObjectError(f"{spec}: cannot open: {os.strerror(e.errno or 0)}") from None
     try:

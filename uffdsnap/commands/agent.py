@@ -1,0 +1,100 @@
+"""`uffdsnap agent`: track one process for a coordinator (attach by injection, or enlisted)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+import trio
+
+from uffdsnap.agent import run_agent
+from uffdsnap.errors import UserError
+from uffdsnap.kernel import scm
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", required=True, metavar="SOCK",
+                        help="the coordinator's Unix socket")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--attach", type=int, metavar="PID",
+                     help="inject userfaultfd() into unmodified process PID (ptrace)")
+    how.add_argument("--listen", metavar="PATH",
+                     help="wait on Unix socket PATH for one workload to enlist (send its uffd)")
+    how.add_argument("--enlist-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.attach is not None:
+        return _attach(args.coordinator, args.attach)
+    if args.listen:
+        sock = _accept_one(args.listen)
+    else:
+        sock = socket.socket(fileno=args.enlist_fd)
+    with sock:
+        return _enlisted(args.coordinator, sock)
+
+
+def _attach(coordinator: str, pid: int) -> int:
+    from uffdsnap.kernel.inject import create_uffd_in
+
+    if pid <= 0:
+        raise UserError(f"--attach: {pid} is not a process id")
+    uffd, _route = create_uffd_in(pid)
+    reason = trio.run(run_agent, coordinator, pid, uffd, "attach")
+    return _ended(reason)
+
+
+def _accept_one(path: str) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(path)
+    except OSError as e:
+        raise UserError(f"--listen {path}: {e.strerror}") from None
+    with listener:
+        listener.listen(1)
+        print(f"listening on {path}", flush=True)
+        conn, _ = listener.accept()
+    os.unlink(path)
+    return conn
+
+
+def _enlisted(coordinator: str, sock: socket.socket) -> int:
+    """Receive the workload's uffd (one byte + SCM_RIGHTS), join, answer "ok" or "error: ..."."""
+    try:
+        _data, fds = scm.recv_fds(sock, 16)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid = int.from_bytes(creds[:4], "little")
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise UserError(f"expected exactly one userfaultfd from the workload, got {len(fds)}")
+    except (OSError, ValueError) as e:
+        _answer(sock, f"error: {e}")
+        raise UserError(f"enlist handshake failed: {e}") from None
+    except UserError as e:
+        _answer(sock, f"error: {e}")
+        raise
+    try:
+        reason = trio.run(run_agent, coordinator, pid, fds[0], "enlist",
+                          lambda: _answer(sock, "ok"))
+    except BaseException as e:
+        _answer(sock, f"error: {e}")
+        raise
+    return _ended(reason)
+
+
+def _answer(sock: socket.socket, line: str) -> None:
+    try:
+        sock.sendall(line.encode() + b"\n")
+    except OSError:
+        pass  # the workload went away; the agent notices through its pidfd
+
+
+def _ended(reason: str) -> int:
+    if reason in ("process exited", "coordinator closed the connection", "done") or \
+            reason.startswith(("signal", "coordinator aborted")):
+        return 0
+    sys.stderr.write(f"uffdsnap: error: {reason}\n")
+    return 1

@@ -1,0 +1,52 @@
+"""`uffdsnap coordinator`: a long-lived coordinator for one object; enlisting workloads join it
+and `uffdsnap snapshot --coordinator SOCK` asks it for snapshots, as many as wanted."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+import trio
+
+from uffdsnap.coordinator import Coordinator
+from uffdsnap.errors import UserError
+from uffdsnap.kernel.procmaps import ObjectError, open_object
+from uffdsnap.orchestrate import listen
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shm", required=True, metavar="OBJECT",
+                        help="the shared-memory object (see `uffdsnap snapshot --help`)")
+    parser.add_argument("--listen", required=True, metavar="SOCK",
+                        help="Unix socket path for agents and clients")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="limit for the protect phase of each snapshot (default 30)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        obj = open_object(args.shm)
+    except ObjectError as e:
+        raise UserError(str(e)) from None
+    if os.path.exists(args.listen):
+        raise UserError(f"{args.listen} exists (another coordinator, or a stale socket?)")
+    try:
+        trio.run(_serve, Coordinator(obj, protect_timeout=args.timeout), args.listen)
+    finally:
+        obj.close()
+        if os.path.exists(args.listen):
+            os.unlink(args.listen)
+    return 0
+
+
+async def _serve(coordinator: Coordinator, path: str) -> None:
+    listener = await listen(path)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.serve, listener)
+            print(f"coordinator listening on {path}", flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()  # closing connections releases every agent
+                break
+    listener.close()

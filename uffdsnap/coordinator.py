@@ -1,0 +1,651 @@
+"""The coordinator: owns one snapshot at a time of one shared-memory object.
+
+Lifecycle of a snapshot (DESIGN §1–§2): every joined agent is told to protect; faults that arrive
+meanwhile are *held*. When the last agent reports its mappings protected and no untracked writable
+mapper exists, that instant is T. Then held faults are saved first, then a linear scan saves the
+rest in large chunks (holes skipped with SEEK_DATA/SEEK_HOLE); every saved range is un-protected in
+every agent. Then release, then publish the image. Any failure releases every agent and publishes
+nothing.
+
+The coordinator reads the object only through a read-only fd (pread), so it never faults itself,
+and speaks only in object offsets.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+
+from uffdsnap.channel import Channel, PeerClosed
+from uffdsnap.errors import SnapshotFailed
+from uffdsnap.image import ImageWriter, extent_checksum
+from uffdsnap.kernel.pidfd import pidfd_open, process_alive
+from uffdsnap.kernel.procmaps import SharedObject, find_mappers
+from uffdsnap.protocol import (
+    MAX_RANGES,
+    PROTOCOL_VERSION,
+    Abort,
+    Fault,
+    Gone,
+    Hello,
+    Protect,
+    Protected,
+    ProtocolError,
+    Release,
+    Released,
+    Result,
+    Role,
+    Snap,
+    Unprotect,
+    Welcome,
+)
+from uffdsnap.stats import LatencyHistogram
+
+CHUNK_BYTES = 1 << 20
+OUTBOX_DEPTH = 256
+HANDSHAKE_TIMEOUT_S = 10.0
+RELEASE_TIMEOUT_S = 10.0
+# An agent that cannot take a message for this long is dropped (its process is then released
+# by the agent itself, or by the kernel when the agent dies) and the snapshot fails.
+PEER_SEND_TIMEOUT_S = 10.0
+
+
+def monotonic_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+@dataclass(eq=False)
+class Peer:
+    """A joined agent: its connection, its process, and its part in the current snapshot."""
+
+    chan: Channel
+    pid: int
+    comm: str
+    mode: str
+    pidfd: int
+    outbox: trio.MemorySendChannel[Any]
+    protected: bool = False
+    mappings: tuple[tuple[int, int, int], ...] = ()
+    protect_ns: int = 0
+    released: trio.Event = field(default_factory=trio.Event)
+    release_stats: Released | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": self.pid, "comm": self.comm, "mode": self.mode,
+                "mappings": len(self.mappings), "protect_ns": self.protect_ns}
+
+
+@dataclass(eq=False)
+class Run:
+    """One snapshot in progress."""
+
+    id: int
+    writer: ImageWriter
+    npages: int
+    page_size: int
+    phase: str = "protecting"  # protecting -> copying -> releasing
+    saved: bytearray = field(init=False)
+    held: list[tuple[Peer, int, int]] = field(default_factory=list)
+    failure: str | None = None
+    failed: trio.Event = field(default_factory=trio.Event)
+    all_protected: trio.Event = field(default_factory=trio.Event)
+    peers: list[Peer] = field(default_factory=list)
+    gone: list[dict[str, Any]] = field(default_factory=list)
+    faults: int = 0
+    duplicate_faults: int = 0
+    fault_pages_saved: int = 0
+    bytes_scanned: int = 0
+    held_wait_max_ns: int = 0
+
+    def __post_init__(self) -> None:
+        self.saved = bytearray(self.npages)
+
+    def fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            self.failed.set()
+
+
+class Coordinator:
+    """Serves agent and client connections for one object and takes snapshots on request."""
+
+    def __init__(self, obj: SharedObject, *, protect_timeout: float = 30.0,
+                 chunk_bytes: int = CHUNK_BYTES,
+                 on_progress: Callable[[int, int], None] | None = None,
+                 test_hooks: dict[str, Any] | None = None):
+        self.obj = obj
+        self.page_size = obj.page_size
+        self.npages = obj.size // obj.page_size
+        self.protect_timeout = protect_timeout
+        self.chunk_bytes = max(chunk_bytes - chunk_bytes % obj.page_size, obj.page_size)
+        self.on_progress = on_progress
+        self.peers: list[Peer] = []
+        self.peers_changed = trio.Event()
+        self.run: Run | None = None
+        self._snapshot_lock = trio.Lock()
+        self._next_id = 1
+        self._pending_unprotect: list[tuple[int, int]] = []
+        self._unprotect_ready = trio.Event()
+        # Deliberately wrong behaviours, for tests that prove the checker catches them.
+        self._hooks = test_hooks or {}
+
+    # ---- connections ----------------------------------------------------------------------
+
+    async def serve(self, listener: trio.socket.SocketType,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept agents and clients on a listening Unix socket until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._broadcast_unprotects)
+            task_status.started()
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(self._serve_connection, Channel(sock, Role.COORDINATOR))
+
+    async def _serve_connection(self, chan: Channel) -> None:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                hello = await chan.receive()
+            assert isinstance(hello, Hello)  # the state machine admits nothing else first
+            await chan.send(Welcome(PROTOCOL_VERSION, self.obj.size, self.page_size,
+                                    self.obj.object_id.major, self.obj.object_id.minor,
+                                    self.obj.object_id.inode))
+            if hello.role == Role.CLIENT.value:
+                await self._serve_client(chan)
+            else:
+                await self._serve_agent(chan, hello)
+        except (PeerClosed, trio.TooSlowError):
+            pass
+        except ProtocolError as e:
+            with trio.move_on_after(1):
+                try:
+                    await chan.send(Abort(f"protocol error: {e}"))
+                except (PeerClosed, ProtocolError, OSError):
+                    pass
+        finally:
+            chan.close()
+
+    async def _serve_client(self, chan: Channel) -> None:
+        while True:
+            msg = await chan.receive()
+            if isinstance(msg, Snap):
+                try:
+                    summary = await self.snapshot(msg.output, overwrite=msg.overwrite)
+                    await chan.send(Result(True, "", _flat(summary)))
+                except SnapshotFailed as e:
+                    await chan.send(Result(False, str(e), {}))
+            elif isinstance(msg, Abort):
+                return
+
+    async def _serve_agent(self, chan: Channel, hello: Hello) -> None:
+        try:
+            pidfd = pidfd_open(hello.pid)
+        except OSError as e:
+            await chan.send(Abort(f"cannot watch pid {hello.pid}: {e}"))
+            return
+        outbox_send, outbox_recv = trio.open_memory_channel[Any](OUTBOX_DEPTH)
+        peer = Peer(chan, hello.pid, hello.comm, hello.mode, pidfd, outbox_send)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop, peer, outbox_recv, nursery.cancel_scope)
+                self._join(peer)
+                await self._agent_messages(peer)
+                nursery.cancel_scope.cancel()
+        except (PeerClosed, ProtocolError, OSError) as e:
+            self._lost(peer, f"agent for pid {peer.pid} ({peer.comm}) lost: {e}")
+        else:
+            self._lost(peer, "")
+        finally:
+            os.close(pidfd)
+
+    async def _send_loop(self, peer: Peer, outbox: trio.MemoryReceiveChannel[Any],
+                         scope: trio.CancelScope) -> None:
+        async with outbox:
+            async for msg in outbox:
+                if isinstance(msg, Unprotect) and not _unprotectable(peer):
+                    continue  # released meanwhile: nothing is protected there any more
+                try:
+                    await peer.chan.send(msg)
+                except (PeerClosed, ProtocolError, OSError, trio.ClosedResourceError):
+                    scope.cancel()
+                    return
+
+    async def _post(self, peer: Peer, msg: Any) -> None:
+        """Queue `msg` for `peer`, waiting (bounded) when its outbox is full; a peer that stays
+        full is dropped and fails the running snapshot."""
+        try:
+            peer.outbox.send_nowait(msg)
+            return
+        except trio.WouldBlock:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # its connection is over; _lost() has judged it
+        with trio.move_on_after(PEER_SEND_TIMEOUT_S):
+            try:
+                await peer.outbox.send(msg)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            return
+        if self.run is not None:
+            self.run.fail(f"agent for pid {peer.pid} ({peer.comm}) stopped answering")
+        peer.chan.close()
+
+    def _join(self, peer: Peer) -> None:
+        self.peers.append(peer)
+        self._changed()
+        run = self.run
+        if run is None:
+            return
+        if run.phase == "protecting":
+            run.peers.append(peer)
+            peer.outbox.send_nowait(Protect(run.id))  # a fresh outbox has room
+        else:
+            run.fail(f"process {peer.pid} ({peer.comm}) joined after T: its earlier writes "
+                     "were not tracked")
+
+    def _lost(self, peer: Peer, why: str) -> None:
+        """A peer's connection ended. Fatal to a running snapshot unless its process is gone."""
+        if peer in self.peers:
+            self.peers.remove(peer)
+            self._changed()
+        run = self.run
+        if run is None or peer not in run.peers or peer.released.is_set():
+            return
+        if not process_alive(peer.pidfd):
+            self._peer_gone(run, peer, "process exited")
+            return
+        if run.phase == "releasing":
+            peer.released.set()
+            return
+        run.fail(why or f"agent for pid {peer.pid} ({peer.comm}) left while its process lives: "
+                 "its writes are no longer tracked")
+
+    def _peer_gone(self, run: Run, peer: Peer, reason: str) -> None:
+        run.peers.remove(peer)
+        run.gone.append({**peer.describe(), "reason": reason})
+        peer.released.set()
+        self._check_all_protected(run)
+
+    def _changed(self) -> None:
+        self.peers_changed.set()
+        self.peers_changed = trio.Event()
+
+    async def _agent_messages(self, peer: Peer) -> None:
+        while True:
+            msg = await peer.chan.receive()
+            run = self.run
+            if isinstance(msg, Fault):
+                self._on_fault(peer, msg)
+            elif isinstance(msg, Protected):
+                peer.protected = True
+                peer.mappings = msg.mappings
+                peer.protect_ns = msg.protect_ns
+                if run is not None and run.id == msg.snapshot:
+                    self._check_all_protected(run)
+            elif isinstance(msg, Released):
+                peer.release_stats = msg
+                peer.released.set()
+            elif isinstance(msg, Gone):
+                if run is not None and peer in run.peers:
+                    self._peer_gone(run, peer, msg.reason)
+                return
+            elif isinstance(msg, Abort):
+                raise PeerClosed(f"agent aborted: {msg.reason}")
+
+    def _check_all_protected(self, run: Run) -> None:
+        if run.phase == "protecting" and all(p.protected for p in run.peers):
+            run.all_protected.set()
+
+    # ---- faults and un-protects -------------------------------------------------------------
+
+    def _on_fault(self, peer: Peer, msg: Fault) -> None:
+        run = self.run
+        if run is None or run.phase == "releasing":
+            self._unprotect_one(peer, msg.offset)
+            return
+        run.faults += 1
+        if run.phase == "protecting":
+            run.held.append((peer, msg.offset, msg.seen_ns))
+            return
+        page = msg.offset // self.page_size
+        if run.saved[page]:
+            run.duplicate_faults += 1
+            self._unprotect_one(peer, msg.offset)
+            return
+        self._save_page(run, page)
+
+    def _save_page(self, run: Run, page: int) -> None:
+        """Copy one page from the object into the image, then un-protect it everywhere."""
+        offset = page * self.page_size
+        data = os.pread(self.obj.fd, self.page_size, offset)
+        run.writer.write(offset, data)
+        run.saved[page] = 1
+        run.fault_pages_saved += 1
+        self._queue_unprotect(offset, self.page_size)
+
+    def _unprotect_one(self, peer: Peer, offset: int) -> None:
+        try:
+            peer.outbox.send_nowait(Unprotect(((offset, self.page_size),)))
+        except trio.WouldBlock:
+            self._queue_unprotect(offset, self.page_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def _queue_unprotect(self, offset: int, length: int) -> None:
+        self._pending_unprotect.append((offset, length))
+        self._unprotect_ready.set()
+
+    async def _broadcast_unprotects(self) -> None:
+        """Send queued un-protects to every agent, coalesced into as few messages as possible."""
+        while True:
+            await self._unprotect_ready.wait()
+            self._unprotect_ready = trio.Event()
+            ranges, self._pending_unprotect = coalesce(self._pending_unprotect), []
+            for start in range(0, len(ranges), MAX_RANGES):
+                msg = Unprotect(tuple(ranges[start:start + MAX_RANGES]))
+                for peer in list(self.peers):
+                    if _unprotectable(peer):
+                        await self._post(peer, msg)
+
+    # ---- the snapshot ----------------------------------------------------------------------
+
+    async def snapshot(self, output: str, *, overwrite: bool = False) -> dict[str, Any]:
+        """Take one snapshot into `output`; return its summary or raise SnapshotFailed."""
+        async with self._snapshot_lock:
+            writer = ImageWriter(output, self.obj.size, self.page_size, overwrite=overwrite)
+            run = Run(self._next_id, writer, self.npages, self.page_size)
+            self._next_id += 1
+            self.run = run
+            try:
+                summary = await self._take(run)
+                writer.publish(self._manifest(run, summary))
+                return summary
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                self.run = None
+
+    async def _take(self, run: Run) -> dict[str, Any]:
+        t_start = monotonic_ns()
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on, run.failed, scope)
+                    await self._protect_all(run)
+                    t_mono, t_wall = monotonic_ns(), time.time_ns()
+                    run.phase = "copying"
+                    await self._copy(run)
+                    scope.cancel()
+            if run.failure:
+                raise SnapshotFailed(run.failure)
+            t_copied = monotonic_ns()
+            self._check_no_untracked_writers(run, "after the copy")
+            if run.failure:
+                raise SnapshotFailed(run.failure)
+        finally:
+            await self._release_all(run)
+        return self._summary(run, t_start, t_mono, t_wall, t_copied)
+
+    async def _protect_all(self, run: Run) -> None:
+        run.peers = [p for p in self.peers]
+        for peer in run.peers:
+            peer.protected = False
+            peer.released = trio.Event()
+            peer.release_stats = None
+        for peer in run.peers if not self._hooks.get("no_protect") else []:
+            await self._post(peer, Protect(run.id))
+        if self._hooks.get("no_protect"):  # wrong on purpose: copy while nothing is protected
+            run.peers = []
+            return
+        self._check_all_protected(run)
+        with trio.move_on_after(self.protect_timeout) as timeout:
+            await run.all_protected.wait()
+        if timeout.cancelled_caught:
+            slow = [p.pid for p in run.peers if not p.protected]
+            run.fail(f"agents for pids {slow} did not protect within {self.protect_timeout:g} s")
+            await trio.sleep_forever()  # the failure cancels us
+        self._check_no_untracked_writers(run, "before T")
+        if run.failure:
+            await trio.sleep_forever()
+
+    def _check_no_untracked_writers(self, run: Run, when: str) -> None:
+        if self._hooks.get("no_protect"):
+            return
+        tracked = {p.pid for p in run.peers}
+        mappers = find_mappers(self.obj.object_id, exclude={os.getpid()})
+        untracked = sorted(pid for pid, maps in mappers.items()
+                           if pid not in tracked and any(m.writable for m in maps))
+        if untracked:
+            names = ", ".join(f"{pid} ({_comm(pid)})" for pid in untracked)
+            run.fail(f"untracked process(es) map the object writable {when}: {names}")
+
+    async def _copy(self, run: Run) -> None:
+        """Held faults first, then every remaining page in large chunks."""
+        now = monotonic_ns()
+        for _peer, offset, seen_ns in run.held:
+            run.held_wait_max_ns = max(run.held_wait_max_ns, now - seen_ns)
+            if not run.saved[offset // self.page_size]:
+                self._save_page(run, offset // self.page_size)
+        run.held.clear()
+        for start, length, is_data in data_extents(self.obj.fd, self.obj.size, self.page_size):
+            if not is_data:
+                self._claim_hole(run, start, length)
+                continue
+            pos = start
+            while pos < start + length:
+                end = min(start + length, (pos // self.chunk_bytes + 1) * self.chunk_bytes)
+                await self._copy_chunk(run, pos, end - pos)
+                pos = end
+                if self.on_progress:
+                    self.on_progress(pos, self.obj.size)
+
+    def _claim_hole(self, run: Run, start: int, length: int) -> None:
+        """A hole now was a hole at T (a page filled since then faulted and was saved): it is
+        zero in the image already; un-protect its unsaved pages."""
+        for a, b in self._claim(run, start, length):
+            self._queue_unprotect(a, b - a)
+
+    def _claim(self, run: Run, start: int, length: int) -> list[tuple[int, int]]:
+        """Mark unsaved pages of [start, start+length) saved; return them as runs (start, end)."""
+        ps = self.page_size
+        first, last = start // ps, (start + length) // ps
+        runs: list[tuple[int, int]] = []
+        saved = run.saved
+        page = first
+        while page < last:
+            page = _next_zero(saved, page, last)
+            if page >= last:
+                break
+            end = _next_nonzero(saved, page, last)
+            saved[page:end] = b"\x01" * (end - page)
+            runs.append((page * ps, end * ps))
+            page = end
+        return runs
+
+    async def _copy_chunk(self, run: Run, offset: int, length: int) -> None:
+        # 1. read the chunk; pages still unsaved are protected everywhere, so this is their
+        #    content at T (a page saved meanwhile by a fault is taken from the image instead).
+        if self._hooks.get("scan_delay_s"):
+            await trio.sleep(self._hooks["scan_delay_s"])
+        buf = await trio.to_thread.run_sync(_pread_exact, self.obj.fd, length, offset)
+        was_saved = bytes(run.saved[offset // self.page_size:(offset + length) // self.page_size])
+        claimed = self._claim(run, offset, length)
+        for a, b in claimed:
+            self._queue_unprotect(a, b - a)
+        run.bytes_scanned += length
+        # 2. overlay pages saved earlier, write what we claimed, checksum the final bytes.
+        await trio.to_thread.run_sync(_store_chunk, run.writer, buf, offset, was_saved,
+                                      claimed, self.page_size)
+
+    async def _release_all(self, run: Run) -> None:
+        run.phase = "releasing"
+        for peer in run.peers:
+            if peer.chan.conn.state.value in ("protecting", "active"):
+                try:
+                    peer.outbox.send_nowait(Release(run.id))
+                except trio.WouldBlock:
+                    peer.chan.close()  # closing releases the agent as surely as a message
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+            else:
+                peer.released.set()
+        with trio.move_on_after(RELEASE_TIMEOUT_S):
+            for peer in list(run.peers):
+                await peer.released.wait()
+
+    # ---- reporting -------------------------------------------------------------------------
+
+    def _summary(self, run: Run, t_start: int, t_mono: int, t_wall: int,
+                 t_copied: int) -> dict[str, Any]:
+        hist = LatencyHistogram()
+        for peer in run.peers:
+            if peer.release_stats is not None:
+                hist.merge(peer.release_stats.service_hist, peer.release_stats.service_max_ns)
+        copy_s = max(t_copied - t_mono, 1) / 1e9
+        return {
+            "ok": True,
+            "snapshot_time_unix_ns": t_wall,
+            "snapshot_time": datetime.fromtimestamp(t_wall / 1e9, UTC).isoformat(),
+            "object_size": self.obj.size,
+            "page_size": self.page_size,
+            "processes": [p.describe() for p in run.peers],
+            "processes_gone": run.gone,
+            "protect_phase_ns": t_mono - t_start,
+            "kernel_protect_max_ns": max((p.protect_ns for p in run.peers), default=0),
+            "start_pause_max_ns": run.held_wait_max_ns,
+            "faults": run.faults,
+            "duplicate_faults": run.duplicate_faults,
+            "pages_saved_by_faults": run.fault_pages_saved,
+            "fault_service": hist.summary(),
+            "bytes_scanned": run.bytes_scanned,
+            "copy_ns": t_copied - t_mono,
+            "copy_throughput_bytes_per_s": math.floor(run.bytes_scanned / copy_s),
+            "duration_ns": monotonic_ns() - t_start,
+        }
+
+    def _manifest(self, run: Run, summary: dict[str, Any]) -> dict[str, Any]:
+        oid = self.obj.object_id
+        return {
+            "object": {"size": self.obj.size, "page_size": self.page_size,
+                       "source": self.obj.spec,
+                       "kind": "hugetlbfs" if self.obj.hugetlb else "shmem",
+                       "dev": os.makedev(oid.major, oid.minor), "inode": oid.inode},
+            "snapshot_time": summary["snapshot_time_unix_ns"],
+            "processes": summary["processes"] + summary["processes_gone"],
+            "stats": {k: v for k, v in summary.items()
+                      if k not in ("processes", "processes_gone", "snapshot_time",
+                                   "snapshot_time_unix_ns", "ok")},
+        }
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _flat(summary: dict[str, Any]) -> dict[str, Any]:
+    """The scalar part of a summary, for a Result message (nested values dropped)."""
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            out.update({f"{key}_{k}": v for k, v in value.items()
+                        if isinstance(v, int | float | str | bool)})
+        elif isinstance(value, int | float | str | bool):
+            out[key] = value
+        elif isinstance(value, list):
+            out[f"{key}_count"] = len(value)
+    return out
+
+
+def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged (offset, length) ranges."""
+    out: list[tuple[int, int]] = []
+    for off, length in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            last_off, last_len = out[-1]
+            out[-1] = (last_off, max(last_len, off + length - last_off))
+        else:
+            out.append((off, length))
+    return out
+
+
+def _next_zero(buf: bytearray, start: int, stop: int) -> int:
+    i = buf.find(0, start, stop)
+    return stop if i < 0 else i
+
+
+def _next_nonzero(buf: bytearray, start: int, stop: int) -> int:
+    i = buf.find(1, start, stop)
+    return stop if i < 0 else i
+
+
+def _unprotectable(peer: Peer) -> bool:
+    return peer.chan.conn.state.value in ("active", "releasing")
+
+
+def data_extents(fd: int, size: int, page_size: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, length, is_data) covering [0, size), page-aligned, from SEEK_DATA/SEEK_HOLE,
+    found lazily as the scan advances."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = size
+        data = min(size, data - data % page_size)
+        if data > pos:
+            yield (pos, data - pos, False)
+        if data >= size:
+            break
+        hole = min(size, os.lseek(fd, data, os.SEEK_HOLE))
+        hole = min(size, -(-hole // page_size) * page_size)
+        yield (data, hole - data, True)
+        pos = hole
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytearray:
+    buf = bytearray(length)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:  # the object shrank: what is beyond its end reads as zeros
+            break
+        done += n
+    return buf
+
+
+def _store_chunk(writer: ImageWriter, buf: bytearray, offset: int, was_saved: bytes,
+                 claimed: list[tuple[int, int]], page_size: int) -> None:
+    view = memoryview(buf)
+    page = 0
+    while page < len(was_saved):
+        page = was_saved.find(1, page)
+        if page < 0:
+            break
+        end = was_saved.find(0, page)
+        end = len(was_saved) if end < 0 else end
+        a, b = page * page_size, end * page_size
+        view[a:b] = writer.read(offset + a, b - a)
+        page = end
+    for a, b in claimed:
+        writer.write(a, view[a - offset:b - offset])
+    writer.record_extent(offset, len(buf), extent_checksum(view))

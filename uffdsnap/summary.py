@@ -1,0 +1,46 @@
+"""The human-readable snapshot summary (the JSON form is the summary dict itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def size_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def ns_text(ns: float) -> str:
+    if ns < 1_000:
+        return f"{ns:.0f} ns"
+    if ns < 1_000_000:
+        return f"{ns / 1e3:.0f} µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.1f} ms"
+    return f"{ns / 1e9:.2f} s"
+
+
+def human_summary(s: dict[str, Any]) -> str:
+    procs = s.get("processes", s.get("processes_count", 0))
+    nproc = len(procs) if isinstance(procs, list) else procs
+    gone = s.get("processes_gone", s.get("processes_gone_count", 0))
+    ngone = len(gone) if isinstance(gone, list) else gone
+    fs = s.get("fault_service", {
+        k.removeprefix("fault_service_"): v for k, v in s.items()
+        if k.startswith("fault_service_")})
+    copy_s = max(s.get("copy_ns", 0), 1) / 1e9
+    return "\n".join([
+        f"snapshot {s.get('image', '')}: {size_text(s['object_size'])} at {s['snapshot_time']}",
+        f"  processes    {nproc} tracked, {ngone} exited during the snapshot",
+        f"  start pause  protect phase {ns_text(s['protect_phase_ns'])} (kernel protect max "
+        f"{ns_text(s['kernel_protect_max_ns'])}), longest held fault "
+        f"{ns_text(s['start_pause_max_ns'])}",
+        f"  faults       {s['faults']} ({s['duplicate_faults']} duplicates); service p50 "
+        f"{ns_text(fs.get('p50_ns', 0))}, p99 {ns_text(fs.get('p99_ns', 0))}, max "
+        f"{ns_text(fs.get('max_ns', 0))}",
+        f"  copy         {size_text(s['bytes_scanned'])} in {ns_text(s['copy_ns'])} "
+        f"({size_text(s['bytes_scanned'] / copy_s)}/s); total {ns_text(s['duration_ns'])}",
+    ])
