@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from uffdsnap.attacher import Attacher
 from uffdsnap.channel import Channel, PeerClosed
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.image import ImageWriter, extent_checksum
@@ -118,6 +119,7 @@ class Coordinator:
     """Serves agent and client connections for one object and takes snapshots on request."""
 
     def __init__(self, obj: SharedObject, *, protect_timeout: float = 30.0,
+                 attach_path: str | None = None,
                  chunk_bytes: int = CHUNK_BYTES,
                  on_progress: Callable[[int, int], None] | None = None,
                  test_hooks: dict[str, Any] | None = None):
@@ -134,6 +136,10 @@ class Coordinator:
         self._next_id = 1
         self._pending_unprotect: list[tuple[int, int]] = []
         self._unprotect_ready = trio.Event()
+        # With attach_path (this coordinator's own socket), every writable mapper without an
+        # agent gets an attach agent at each snapshot, for the duration of that snapshot.
+        self.attacher = Attacher(attach_path) if attach_path else None
+        self._nursery: trio.Nursery | None = None
         # Deliberately wrong behaviours, for tests that prove the checker catches them.
         self._hooks = test_hooks or {}
 
@@ -143,6 +149,7 @@ class Coordinator:
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept agents and clients on a listening Unix socket until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._broadcast_unprotects)
             task_status.started()
             while True:
@@ -379,6 +386,8 @@ class Coordinator:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_cancel_on, run.failed, scope)
+                    if self.attacher is not None:
+                        await self._attach(self._untracked_writers(self.peers))
                     await self._protect_all(run)
                     t_mono, t_wall = monotonic_ns(), time.time_ns()
                     run.phase = "copying"
@@ -391,38 +400,73 @@ class Coordinator:
             if run.failure:
                 raise SnapshotFailed(run.failure)
         finally:
-            await self._release_all(run)
+            with trio.CancelScope(shield=True):
+                await self._release_all(run)
+                await self._dismiss_attached()
         return self._summary(run, t_start, t_mono, t_wall, t_copied)
 
+    async def _attach(self, pids: list[int]) -> None:
+        """Start attach agents for `pids` and wait until each has joined or its process is gone."""
+        assert self.attacher is not None and self._nursery is not None
+        if not pids:
+            return
+        agents = await self.attacher.start(pids, self._nursery)
+        await self.attacher.wait_joined(agents, lambda: {p.pid for p in self.peers},
+                                        lambda: self.peers_changed, self.protect_timeout)
+
+    async def _dismiss_attached(self) -> None:
+        """Send this snapshot's attach agents away (they release and exit) and reap them."""
+        if self.attacher is None or not self.attacher.agents:
+            return
+        for peer in list(self.peers):
+            if peer.pid in self.attacher.agents and peer.mode == "attach":
+                try:
+                    peer.outbox.send_nowait(Abort("snapshot over"))
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    peer.chan.close()
+        await self.attacher.reap()
+
     async def _protect_all(self, run: Run) -> None:
-        run.peers = [p for p in self.peers]
+        """Protect every joined agent; before declaring T, make sure no writable mapper is left
+        untracked (attaching late arrivals when we can, failing when we cannot)."""
+        if self._hooks.get("no_protect"):  # wrong on purpose: copy while nothing is protected
+            return
+        run.peers = list(self.peers)
         for peer in run.peers:
             peer.protected = False
             peer.released = trio.Event()
             peer.release_stats = None
-        for peer in run.peers if not self._hooks.get("no_protect") else []:
+        for peer in run.peers:
             await self._post(peer, Protect(run.id))
-        if self._hooks.get("no_protect"):  # wrong on purpose: copy while nothing is protected
-            run.peers = []
-            return
-        self._check_all_protected(run)
         with trio.move_on_after(self.protect_timeout) as timeout:
-            await run.all_protected.wait()
+            for _round in range(8):
+                run.all_protected = trio.Event()
+                self._check_all_protected(run)
+                await run.all_protected.wait()
+                untracked = self._untracked_writers(run.peers)
+                if not untracked:
+                    return
+                if self.attacher is None:
+                    break
+                await self._attach(untracked)  # they join mid-protect and are sent Protect
         if timeout.cancelled_caught:
             slow = [p.pid for p in run.peers if not p.protected]
             run.fail(f"agents for pids {slow} did not protect within {self.protect_timeout:g} s")
-            await trio.sleep_forever()  # the failure cancels us
-        self._check_no_untracked_writers(run, "before T")
-        if run.failure:
-            await trio.sleep_forever()
+        else:
+            self._check_no_untracked_writers(run, "before T")
+        await trio.sleep_forever()  # the failure cancels us
+
+    def _untracked_writers(self, peers: list[Peer]) -> list[int]:
+        """Pids that map the object writable and have no agent among `peers`."""
+        tracked = {p.pid for p in peers}
+        mappers = find_mappers(self.obj.object_id, exclude={os.getpid()})
+        return sorted(pid for pid, maps in mappers.items()
+                      if pid not in tracked and any(m.writable for m in maps))
 
     def _check_no_untracked_writers(self, run: Run, when: str) -> None:
         if self._hooks.get("no_protect"):
             return
-        tracked = {p.pid for p in run.peers}
-        mappers = find_mappers(self.obj.object_id, exclude={os.getpid()})
-        untracked = sorted(pid for pid, maps in mappers.items()
-                           if pid not in tracked and any(m.writable for m in maps))
+        untracked = self._untracked_writers(run.peers)
         if untracked:
             names = ", ".join(f"{pid} ({_comm(pid)})" for pid in untracked)
             run.fail(f"untracked process(es) map the object writable {when}: {names}")

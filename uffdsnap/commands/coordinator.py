@@ -22,6 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Unix socket path for agents and clients")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="limit for the protect phase of each snapshot (default 30)")
+    parser.add_argument("--attach", action="store_true",
+                        help="at each snapshot, attach an agent (ptrace) to every process that "
+                             "maps the object writable and has not enlisted")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,14 +32,17 @@ def run(args: argparse.Namespace) -> int:
         obj = open_object(args.shm)
     except ObjectError as e:
         raise UserError(str(e)) from None
-    if os.path.exists(args.listen):
+    path = os.path.abspath(args.listen)
+    if os.path.exists(path):
         raise UserError(f"{args.listen} exists (another coordinator, or a stale socket?)")
+    coordinator = Coordinator(obj, protect_timeout=args.timeout,
+                              attach_path=path if args.attach else None)
     try:
-        trio.run(_serve, Coordinator(obj, protect_timeout=args.timeout), args.listen)
+        trio.run(_serve, coordinator, path)
     finally:
         obj.close()
-        if os.path.exists(args.listen):
-            os.unlink(args.listen)
+        if os.path.exists(path):
+            os.unlink(path)
     return 0
 
 
