@@ -1,0 +1,28 @@
+"""`uffdsnap verify OUT.img`: exit 0 only if the image is exactly what its manifest says."""
+
+from __future__ import annotations
+
+import argparse
+
+from uffdsnap.commands.info import size_text
+from uffdsnap.image import verify
+from uffdsnap.output import emit, error_line
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="OUT.img",
+                        help="the image; its manifest OUT.img.json must be beside it")
+
+
+def run(args: argparse.Namespace) -> int:
+    """0 = OK, 1 = corrupt (one line naming the first bad offset); bad input raises (exit 2)."""
+    report = verify(args.image)
+    if report.ok:
+        emit(args.json, report.to_dict(),
+             f"{args.image}: OK ({report.extents} extents, {size_text(report.bytes_checked)} "
+             f"checked, object {size_text(report.object_size)})")
+        return 0
+    if args.json:
+        emit(True, report.to_dict(), "")
+    error_line(f"{args.image}: CORRUPT: {report.problem}")
+    return 1
