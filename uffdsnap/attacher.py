@@ -113,7 +113,10 @@ async def _watch(agent: AgentProcess) -> None:
     assert agent.process.stderr is not None
     try:
         async for chunk in agent.process.stderr:
-            agent.stderr.extend(chunk.decode(errors="replace").splitlines())
+            lines = chunk.decode(errors="replace").splitlines()
+            agent.stderr.extend(lines)
+            for line in lines:  # an agent writes only when something is wrong: pass it on
+                sys.stderr.write(f"[agent for pid {agent.target}] {line}\n")
         with trio.CancelScope(shield=True):
             await agent.process.wait()
     finally:

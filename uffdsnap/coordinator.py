@@ -78,6 +78,7 @@ class Peer:
     protect_ns: int = 0
     released: trio.Event = field(default_factory=trio.Event)
     release_stats: Released | None = None
+    send_error: str = ""
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "comm": self.comm, "mode": self.mode,
@@ -92,7 +93,7 @@ class Run:
     writer: ImageWriter
     npages: int
     page_size: int
-    phase: str = "protecting"  # protecting -> copying -> releasing
+    phase: str = "joining"  # joining -> protecting -> copying -> releasing
     saved: bytearray = field(init=False)
     held: list[tuple[Peer, int, int]] = field(default_factory=list)
     failure: str | None = None
@@ -140,8 +141,9 @@ class Coordinator:
         # agent gets an attach agent at each snapshot, for the duration of that snapshot.
         self.attacher = Attacher(attach_path) if attach_path else None
         self._nursery: trio.Nursery | None = None
-        # Deliberately wrong behaviours, for tests that prove the checker catches them.
-        self._hooks = test_hooks or {}
+        # Test hooks (never set in normal use): deliberately wrong behaviours that prove the
+        # checker catches them, and pauses at a phase so tests can kill a process there.
+        self._hooks = test_hooks if test_hooks is not None else hooks_from_environment()
 
     # ---- connections ----------------------------------------------------------------------
 
@@ -208,7 +210,8 @@ class Coordinator:
         except (PeerClosed, ProtocolError, OSError) as e:
             self._lost(peer, f"agent for pid {peer.pid} ({peer.comm}) lost: {e}")
         else:
-            self._lost(peer, "")
+            self._lost(peer, f"agent for pid {peer.pid} ({peer.comm}) lost: {peer.send_error}"
+                       if peer.send_error else "")
         finally:
             os.close(pidfd)
 
@@ -220,7 +223,8 @@ class Coordinator:
                     continue  # released meanwhile: nothing is protected there any more
                 try:
                     await peer.chan.send(msg)
-                except (PeerClosed, ProtocolError, OSError, trio.ClosedResourceError):
+                except (PeerClosed, ProtocolError, OSError, trio.ClosedResourceError) as e:
+                    peer.send_error = f"sending {msg.TYPE}: {e}"
                     scope.cancel()
                     return
 
@@ -250,6 +254,8 @@ class Coordinator:
         run = self.run
         if run is None:
             return
+        if run.phase == "joining":
+            return  # it will be protected with the others
         if run.phase == "protecting":
             run.peers.append(peer)
             peer.outbox.send_nowait(Protect(run.id))  # a fresh outbox has room
@@ -388,10 +394,13 @@ class Coordinator:
                     nursery.start_soon(_cancel_on, run.failed, scope)
                     if self.attacher is not None:
                         await self._attach(self._untracked_writers(self.peers))
+                    await self._test_pause("joining")
                     await self._protect_all(run)
                     t_mono, t_wall = monotonic_ns(), time.time_ns()
                     run.phase = "copying"
+                    await self._test_pause("copying")
                     await self._copy(run)
+                    await self._test_pause("finishing")
                     scope.cancel()
             if run.failure:
                 raise SnapshotFailed(run.failure)
@@ -404,6 +413,16 @@ class Coordinator:
                 await self._release_all(run)
                 await self._dismiss_attached()
         return self._summary(run, t_start, t_mono, t_wall, t_copied)
+
+    async def _test_pause(self, phase: str) -> None:
+        """With the hook pause_in=PHASE, say so on stderr and stay in that phase (still serving
+        faults) until the snapshot fails or the process is killed."""
+        if self._hooks.get("pause_in") == phase:
+            import sys
+
+            sys.stderr.write(f"uffdsnap test hook: paused in {phase}\n")
+            sys.stderr.flush()
+            await trio.sleep_forever()
 
     async def _attach(self, pids: list[int]) -> None:
         """Start attach agents for `pids` and wait until each has joined or its process is gone."""
@@ -431,6 +450,7 @@ class Coordinator:
         untracked (attaching late arrivals when we can, failing when we cannot)."""
         if self._hooks.get("no_protect"):  # wrong on purpose: copy while nothing is protected
             return
+        run.phase = "protecting"
         run.peers = list(self.peers)
         for peer in run.peers:
             peer.protected = False
@@ -443,6 +463,7 @@ class Coordinator:
                 run.all_protected = trio.Event()
                 self._check_all_protected(run)
                 await run.all_protected.wait()
+                await self._test_pause("protecting")
                 untracked = self._untracked_writers(run.peers)
                 if not untracked:
                     return
@@ -588,6 +609,17 @@ class Coordinator:
                       if k not in ("processes", "processes_gone", "snapshot_time",
                                    "snapshot_time_unix_ns", "ok")},
         }
+
+
+TEST_HOOKS_ENV = "UFFDSNAP_TEST_HOOKS"
+
+
+def hooks_from_environment() -> dict[str, Any]:
+    """Test hooks for a coordinator running in a subprocess: JSON in $UFFDSNAP_TEST_HOOKS."""
+    import json
+
+    raw = os.environ.get(TEST_HOOKS_ENV)
+    return json.loads(raw) if raw else {}
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -509,8 +509,10 @@ class WriterProcess:
 
 def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
                    rate: float | None = None, max_ops: int | None = None,
-                   map_twice: bool = False, partial: bool = False) -> list[str]:
-    """argv of a writer process: the native helper (impl="c") or this module (impl="python")."""
+                   map_twice: bool = False, partial: bool = False,
+                   enlist: str | None = None) -> list[str]:
+    """argv of a writer process: the native helper (impl="c") or this module (impl="python");
+    `enlist` (Python only) is a coordinator socket the writer enlists with before it starts."""
     if impl == "c":
         from uffdsnap import native
         argv = [str(native.build("writer"))]
@@ -527,15 +529,19 @@ def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
         argv.append("--map-twice")
     if partial:
         argv.append("--partial")
+    if enlist:
+        if impl != "python":
+            raise ValueError("only the Python writer enlists; native writers are attached")
+        argv += ["--enlist", enlist]
     return argv
 
 
 def spawn_writer(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
                  rate: float | None = None, max_ops: int | None = None, map_twice: bool = False,
-                 partial: bool = False) -> WriterProcess:
+                 partial: bool = False, enlist: str | None = None) -> WriterProcess:
     """Start a writer process on the object at path `obj`; wait_ready() before relying on it."""
     argv = writer_command(obj, index, impl=impl, rate=rate, max_ops=max_ops,
-                          map_twice=map_twice, partial=partial)
+                          map_twice=map_twice, partial=partial, enlist=enlist)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     return WriterProcess(proc, index, impl)
@@ -825,11 +831,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--map-twice", action="store_true", help="map the object twice, "
                         "alternate steps between the mappings")
     parser.add_argument("--partial", action="store_true", help="map only the pages used")
+    parser.add_argument("--enlist", metavar="SOCK", help="enlist with the coordinator at SOCK "
+                        "(uffdsnap.enlist) once mapped, before the first step")
     args = parser.parse_args(argv)
 
     first: list[int] = []
+    enlisted: list[Any] = []
 
     def ready(writer: PythonWriter) -> None:
+        if args.enlist:
+            from uffdsnap.enlist import enlist
+
+            enlisted.append(enlist(args.enlist))
         first.append(writer.seq)
         print(f"ready pid={os.getpid()} index={writer.index} seq={writer.seq}", flush=True)
 
@@ -839,6 +852,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"writer: {e}", file=sys.stderr)
         return 2
+    finally:
+        for enlistment in enlisted:
+            enlistment.close()
     print(f"done seq={seq} ops={seq - first[0]}", flush=True)
     return 0
 

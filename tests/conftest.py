@@ -1,0 +1,106 @@
+"""Shared fixtures: unique shared-memory objects, an in-process coordinator, writer fleets."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from uffdsnap import workload as wl
+from uffdsnap.coordinator import Coordinator
+from uffdsnap.kernel.procmaps import open_object
+from uffdsnap.orchestrate import listen
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="needs root (userfaultfd on other processes, "
+                                                 "ptrace attach); CI runs as root")
+
+
+@pytest.fixture
+def shm_path() -> Iterator[str]:
+    """A fresh /dev/shm path, removed afterwards."""
+    path = f"/dev/shm/uffdsnap-test-{uuid.uuid4().hex[:12]}"
+    yield path
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def make_workload(path: str, nwriters: int, data_pages: int = 512) -> wl.Layout:
+    fd, _size = wl.create_object(path, nwriters, data_pages)
+    os.close(fd)
+    os.chmod(path, 0o666)  # writers may run as an unprivileged user
+    return wl.read_layout(path)
+
+
+@asynccontextmanager
+async def running_coordinator(path: str, tmp_path: Path, *, attach: bool = True,
+                              hooks: dict[str, Any] | None = None,
+                              protect_timeout: float = 30.0
+                              ) -> AsyncIterator[tuple[Coordinator, str]]:
+    """A coordinator for the object at `path`, serving on a socket in `tmp_path`, in this
+    process (which never maps the object, so it is never a mapper itself)."""
+    sock = str(tmp_path / f"coord-{uuid.uuid4().hex[:8]}.sock")
+    obj = open_object(path)
+    listener = await listen(sock)
+    coordinator = Coordinator(obj, attach_path=sock if attach else None,
+                              protect_timeout=protect_timeout, test_hooks=hooks or {})
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.serve, listener)
+            yield coordinator, sock
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+        obj.close()
+
+
+def start_writers(path: str, *, native: int = 4, enlisted: int = 0, enlist: str | None = None,
+                  first_index: int = 0, user: int | None = None,
+                  **kwargs: Any) -> list[wl.WriterProcess]:
+    """Start `native` C writers then `enlisted` Python writers (which enlist with `enlist`),
+    with consecutive indexes, and wait until every one is writing."""
+    writers = []
+    try:
+        for i in range(native):
+            writers.append(_spawn(path, first_index + i, "c", None, user, **kwargs))
+        for i in range(enlisted):
+            writers.append(_spawn(path, first_index + native + i, "python", enlist, user,
+                                  **kwargs))
+        for w in writers:
+            w.wait_ready()
+    except BaseException:
+        for w in writers:
+            w.kill()
+        raise
+    return writers
+
+
+def _spawn(path: str, index: int, impl: str, enlist: str | None, user: int | None,
+           **kwargs: Any) -> wl.WriterProcess:
+    if user is None:
+        return wl.spawn_writer(path, index, impl=impl, enlist=enlist, **kwargs)
+    import subprocess
+
+    argv = wl.writer_command(path, index, impl=impl, enlist=enlist, **kwargs)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, user=user, group=user,
+                            extra_groups=[])
+    return wl.WriterProcess(proc, index, impl)
+
+
+def stop_writers(path: str, writers: list[wl.WriterProcess]) -> list[int]:
+    """Tell every writer to stop; return their final seqs."""
+    wl.set_stop(path)
+    try:
+        return [w.wait() for w in writers]
+    finally:
+        for w in writers:
+            w.kill()
