@@ -255,7 +255,8 @@ class Coordinator:
         if run is None:
             return
         if run.phase == "joining":
-            return  # it will be protected with the others
+            run.peers.append(peer)  # a participant already; protected with the others
+            return
         if run.phase == "protecting":
             run.peers.append(peer)
             peer.outbox.send_nowait(Protect(run.id))  # a fresh outbox has room
@@ -416,13 +417,13 @@ class Coordinator:
 
     async def _test_pause(self, phase: str) -> None:
         """With the hook pause_in=PHASE, say so on stderr and stay in that phase (still serving
-        faults) until the snapshot fails or the process is killed."""
+        faults) until an agent leaves, the snapshot fails, or the process is killed."""
         if self._hooks.get("pause_in") == phase:
             import sys
 
             sys.stderr.write(f"uffdsnap test hook: paused in {phase}\n")
             sys.stderr.flush()
-            await trio.sleep_forever()
+            await self.peers_changed.wait()
 
     async def _attach(self, pids: list[int]) -> None:
         """Start attach agents for `pids` and wait until each has joined or its process is gone."""
@@ -451,7 +452,7 @@ class Coordinator:
         if self._hooks.get("no_protect"):  # wrong on purpose: copy while nothing is protected
             return
         run.phase = "protecting"
-        run.peers = list(self.peers)
+        run.peers = list(self.peers)  # who joined (those lost meanwhile have failed the run)
         for peer in run.peers:
             peer.protected = False
             peer.released = trio.Event()
