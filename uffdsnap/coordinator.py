@@ -106,6 +106,7 @@ class Run:
     fault_pages_saved: int = 0
     bytes_scanned: int = 0
     held_wait_max_ns: int = 0
+    protect_started_ns: int = 0
 
     def __post_init__(self) -> None:
         self.saved = bytearray(self.npages)
@@ -452,6 +453,7 @@ class Coordinator:
         if self._hooks.get("no_protect"):  # wrong on purpose: copy while nothing is protected
             return
         run.phase = "protecting"
+        run.protect_started_ns = monotonic_ns()
         run.peers = list(self.peers)  # who joined (those lost meanwhile have failed the run)
         for peer in run.peers:
             peer.protected = False
@@ -584,7 +586,8 @@ class Coordinator:
             "page_size": self.page_size,
             "processes": [p.describe() for p in run.peers],
             "processes_gone": run.gone,
-            "protect_phase_ns": t_mono - t_start,
+            "join_ns": (run.protect_started_ns or t_mono) - t_start,
+            "protect_phase_ns": t_mono - (run.protect_started_ns or t_mono),
             "kernel_protect_max_ns": max((p.protect_ns for p in run.peers), default=0),
             "start_pause_max_ns": run.held_wait_max_ns,
             "faults": run.faults,
