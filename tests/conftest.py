@@ -87,9 +87,18 @@ def _spawn(path: str, index: int, impl: str, enlist: str | None, user: int | Non
            **kwargs: Any) -> wl.WriterProcess:
     if user is None:
         return wl.spawn_writer(path, index, impl=impl, enlist=enlist, **kwargs)
+    import shutil
     import subprocess
+    import tempfile
 
     argv = wl.writer_command(path, index, impl=impl, enlist=enlist, **kwargs)
+    if impl == "c":  # the build cache is private to root: give the user its own copy
+        import atexit
+
+        where = tempfile.mkdtemp(prefix="uffdsnap-writer-")
+        atexit.register(shutil.rmtree, where, True)
+        os.chmod(where, 0o755)
+        argv[0] = shutil.copy(argv[0], where)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, user=user, group=user,
                             extra_groups=[])

@@ -208,7 +208,7 @@ def test_agent_drops_malformed_coordinator_and_frees_writer(kind: str, shm_path:
         conn.settimeout(30)
         fake = Connection(Role.COORDINATOR)
         st = os.stat(shm_path)
-        while (hello := fake.next_message()) is None:
+        while fake.next_message() is None:  # the agent's hello
             fake.receive_data(conn.recv(65536))
         conn.sendall(fake.send(Welcome(PROTOCOL_VERSION, layout.size, layout.page_size,
                                        os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)))

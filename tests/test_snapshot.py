@@ -3,7 +3,10 @@ one point-in-time state, and catches a deliberately wrong coordinator."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import trio
@@ -93,3 +96,80 @@ async def test_copy_without_protection_is_caught(shm_path: str, tmp_path: Path) 
             assert caught, "an unprotected copy of running writers passed the checker 10 times"
         finally:
             await trio.to_thread.run_sync(stop_writers, shm_path, writers)
+
+
+async def test_unprivileged_writers_are_attached(shm_path: str, tmp_path: Path) -> None:
+    """Native writers running as nobody (uid 65534), where an injected userfaultfd() gets EPERM:
+    the agent hands them /dev/userfaultfd and the snapshot is still one instant."""
+    make_workload(shm_path, 3, data_pages=512)
+    writers = start_writers(shm_path, native=2, user=65534)
+    writers += start_writers(shm_path, native=1, first_index=2)
+    out = str(tmp_path / "nobody.img")
+    try:
+        proc = await trio.run_process(
+            ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", out, "--json"],
+            capture_stdout=True, capture_stderr=True, check=False)
+        assert proc.returncode == 0, proc.stderr.decode()
+        summary = json.loads(proc.stdout)
+        assert sorted(p["pid"] for p in summary["processes"]) == sorted(w.pid for w in writers)
+        result = wl.check_file(out)
+        assert result.ok, result.summary()
+    finally:
+        stop_writers(shm_path, writers)
+
+
+async def test_restore_reproduces_the_state_at_t(shm_path: str, tmp_path: Path) -> None:
+    """Restore gives back exactly the image (which the checker proves is the state at T); and
+    for an object whose writers have stopped, exactly the object's bytes."""
+    make_workload(shm_path, 4, data_pages=256)
+    writers = start_writers(shm_path, native=4)
+    live = str(tmp_path / "live.img")
+    try:
+        proc = await trio.run_process(
+            ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", live],
+            capture_stdout=True, capture_stderr=True, check=False)
+        assert proc.returncode == 0, proc.stderr.decode()
+    finally:
+        final = stop_writers(shm_path, writers)
+    restored = shm_path + "-restored"
+    try:
+        await trio.run_process(["python3", "-m", "uffdsnap", "restore", live, "--to", restored])
+        assert Path(restored).read_bytes() == Path(live).read_bytes()
+        assert wl.check_file(restored).ok
+        # writers stopped: a snapshot now must equal the object byte for byte
+        quiet = str(tmp_path / "quiet.img")
+        await trio.run_process(["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path,
+                                "-o", quiet], capture_stdout=True)
+        await trio.run_process(["python3", "-m", "uffdsnap", "restore", quiet, "--to",
+                                restored, "--force"], capture_stdout=True)
+        assert Path(restored).read_bytes() == Path(shm_path).read_bytes()
+        assert wl.check_file(restored).seqs == final
+    finally:
+        os.unlink(restored)
+
+
+async def test_long_running_coordinator_via_cli(shm_path: str, tmp_path: Path) -> None:
+    """`uffdsnap coordinator --attach` serves enlisted writers and attaches native ones at each
+    `uffdsnap snapshot --coordinator` request."""
+    make_workload(shm_path, 4, data_pages=512)
+    sock = str(tmp_path / "c.sock")
+    coord = subprocess.Popen(["python3", "-m", "uffdsnap", "coordinator", "--shm", shm_path,
+                              "--listen", sock, "--attach"], stdout=subprocess.PIPE, text=True)
+    writers: list[wl.WriterProcess] = []
+    try:
+        assert "listening" in coord.stdout.readline()
+        writers = start_writers(shm_path, native=2, enlisted=2, enlist=sock)
+        for n in range(2):
+            out = str(tmp_path / f"c{n}.img")
+            proc = await trio.run_process(
+                ["python3", "-m", "uffdsnap", "snapshot", "--coordinator", sock, "-o", out,
+                 "--json"], capture_stdout=True, capture_stderr=True, check=False)
+            assert proc.returncode == 0, proc.stderr.decode()
+            assert json.loads(proc.stdout)["processes_count"] == 4
+            assert wl.check_file(out).ok
+    finally:
+        if writers:
+            stop_writers(shm_path, writers)
+        coord.send_signal(signal.SIGTERM)
+        assert coord.wait(timeout=20) == 0
+    assert not os.path.exists(sock)
