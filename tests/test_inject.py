@@ -1,7 +1,8 @@
 """ptrace injection against real processes: root and uid-65534 Python targets, C only where a
-state cannot be made from Python (an unstoppable vfork parent). No mocks; every wait is on an
-event (a line from the target, a readable uffd) with a deadline, except "the thread is inside
-syscall N", which has no event and is polled from /proc."""
+state cannot be made from Python (an unstoppable vfork parent). No mocks. Every wait is on an
+event (a line from the target, a readable uffd, waitid) with a deadline, except "the thread is
+inside syscall N" and "the vfork parent is in D state", which have no event and are polled from
+/proc."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from uffdsnap.kernel import uffd
+from uffdsnap.kernel import inject, uffd
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.inject import (
     SECCOMP_RET_ALLOW,
@@ -47,8 +48,8 @@ needs_root = pytest.mark.skipif(
     reason="needs root: targets run as uid 65534, and userfaultfd/seccomp-filter reads need "
     "CAP_SYS_PTRACE/CAP_SYS_ADMIN or /dev/userfaultfd access")
 
-# The target: maps its own memfd MAP_SHARED, prints "ready PID TID ADDR LEN", then obeys one
-# command per line on stdin (read byte by byte, so data that follows a command stays unread).
+# The target: maps its own memfd MAP_SHARED, prints "ready PID TID ADDR LEN WORKER_TID", then
+# obeys one command per line on stdin (read byte by byte: data after a command stays unread).
 TARGET = r"""
 import ctypes, mmap, os, select, signal, struct, sys, threading, time
 
@@ -72,7 +73,7 @@ def install_seccomp(rules):
     prog = [(0x20, 0, 0, 4), (0x15, 1, 0, 0xC000003E), (0x06, 0, 0, 0x80000000)]
     for rule in rules:
         what, action = rule.split("=")
-        ret = 0x80000000 if action == "kill" else 0x00050000 | 1
+        ret = {"kill": 0x80000000, "errno": 0x00050000 | 1, "trap": 0x00030000}[action]
         nr, _, arg = what.partition("/")
         if arg:
             prog += [(0x20, 0, 0, 0), (0x15, 0, 3, int(nr, 0)), (0x20, 0, 0, 24),
@@ -155,9 +156,9 @@ class Target:
     """A TARGET process with line-based I/O that never blocks the test past DEADLINE."""
 
     def __init__(self, *args: str, user: int | None = None, python: str = sys.executable):
-        ids = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
         self.proc = subprocess.Popen([python, "-I", "-c", TARGET, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0, cwd="/", **ids)
+                                     stdout=subprocess.PIPE, bufsize=0, cwd="/", user=user,
+                                     group=user, extra_groups=None if user is None else [])
         self._buf = b""
         pid, tid, addr, size, worker = map(int, self.expect("ready"))
         assert pid == self.proc.pid
@@ -271,7 +272,7 @@ def nobody_python() -> str:
 
 
 @pytest.fixture
-def spawn(request: pytest.FixtureRequest) -> Iterator[object]:
+def spawn(request: pytest.FixtureRequest) -> Iterator[Callable[..., Target]]:
     """spawn(*args, user=None) -> Target; every target is killed at teardown."""
     made: list[Target] = []
 
@@ -588,6 +589,21 @@ def test_seccomp_forbidding_both_routes_is_a_clear_error_and_leaves_nothing(spaw
     assert "injected ioctl" in str(caught.value)
     assert fd_table(target.pid) == fds_before
     assert maps_text(target.pid) == maps_before
+    assert_released(target)
+    assert target.finish() == 0
+
+
+@needs_root
+def test_seccomp_trap_is_swallowed_if_our_precheck_is_outrun(spawn, monkeypatch):
+    """A filter can change between our check and the call (another thread, TSYNC): the SIGSYS
+    that RET_TRAP raises for our call must never reach the target (it would dump core)."""
+    sys_getppid = 110
+    target = spawn("--seccomp", f"{sys_getppid}=trap")
+    monkeypatch.setattr(inject, "seccomp_verdict", lambda *args: SECCOMP_RET_ALLOW)
+    with pytest.raises(KernelError) as caught, injected(target.pid) as t:
+        t.syscall(sys_getppid)
+    assert caught.value.errno == errno.ENOSYS
+    assert "seccomp" in str(caught.value)
     assert_released(target)
     assert target.finish() == 0
 

@@ -276,8 +276,8 @@ class Coordinator:
         if not process_alive(peer.pidfd):
             self._peer_gone(run, peer, "process exited")
             return
+        peer.released.set()  # its connection is gone: there is nothing left to release there
         if run.phase == "releasing":
-            peer.released.set()
             return
         run.fail(why or f"agent for pid {peer.pid} ({peer.comm}) left while its process lives: "
                  "its writes are no longer tracked")
