@@ -42,9 +42,11 @@ from uffdsnap.protocol import (
     ProtocolError,
     Release,
     Released,
+    Removed,
     Result,
     Role,
     Snap,
+    Tracked,
     Unprotect,
     Welcome,
 )
@@ -79,10 +81,19 @@ class Peer:
     released: trio.Event = field(default_factory=trio.Event)
     release_stats: Released | None = None
     send_error: str = ""
+    children: tuple[int, ...] = ()  # descendants it tracks (forked while protected)
+
+    @property
+    def pids(self) -> set[int]:
+        return {self.pid, *self.children}
+
+    def any_alive(self) -> bool:
+        return process_alive(self.pidfd) or any(_exists(p) for p in self.children)
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "comm": self.comm, "mode": self.mode,
-                "mappings": len(self.mappings), "protect_ns": self.protect_ns}
+                "mappings": len(self.mappings), "protect_ns": self.protect_ns,
+                "children": list(self.children)}
 
 
 @dataclass(eq=False)
@@ -145,6 +156,7 @@ class Coordinator:
         # Test hooks (never set in normal use): deliberately wrong behaviours that prove the
         # checker catches them, and pauses at a phase so tests can kill a process there.
         self._hooks = test_hooks if test_hooks is not None else hooks_from_environment()
+        self._paused: set[str] = set()
 
     # ---- connections ----------------------------------------------------------------------
 
@@ -273,7 +285,7 @@ class Coordinator:
         run = self.run
         if run is None or peer not in run.peers or peer.released.is_set():
             return
-        if not process_alive(peer.pidfd):
+        if not peer.any_alive():
             self._peer_gone(run, peer, "process exited")
             return
         peer.released.set()  # its connection is gone: there is nothing left to release there
@@ -307,12 +319,29 @@ class Coordinator:
             elif isinstance(msg, Released):
                 peer.release_stats = msg
                 peer.released.set()
+            elif isinstance(msg, Tracked):
+                peer.children = tuple(p for p in msg.pids if p != peer.pid)
+                self._changed()
+            elif isinstance(msg, Removed):
+                if run is not None:
+                    self._on_removed(run, msg)
             elif isinstance(msg, Gone):
                 if run is not None and peer in run.peers:
                     self._peer_gone(run, peer, msg.reason)
                 return
             elif isinstance(msg, Abort):
                 raise PeerClosed(f"agent aborted: {msg.reason}")
+
+    def _on_removed(self, run: Run, msg: Removed) -> None:
+        """MADV_REMOVE punches holes without a write fault: if an unsaved page has become a
+        hole, its content at T is lost and the snapshot cannot be proven. (MADV_DONTNEED
+        raises the same event but changes no data: those pages still hold data.)"""
+        for off, length in msg.ranges:
+            for page in range(off // self.page_size, (off + length) // self.page_size):
+                if not run.saved[page] and _is_hole(self.obj.fd, page * self.page_size):
+                    run.fail(f"pages at offset {page * self.page_size:#x} were removed "
+                             "(MADV_REMOVE or a hole punch) during the snapshot: not trackable")
+                    return
 
     def _check_all_protected(self, run: Run) -> None:
         if run.phase == "protecting" and all(p.protected for p in run.peers):
@@ -378,6 +407,7 @@ class Coordinator:
             run = Run(self._next_id, writer, self.npages, self.page_size)
             self._next_id += 1
             self.run = run
+            self._paused.clear()
             try:
                 summary = await self._take(run)
                 writer.publish(self._manifest(run, summary))
@@ -418,13 +448,27 @@ class Coordinator:
 
     async def _test_pause(self, phase: str) -> None:
         """With the hook pause_in=PHASE, say so on stderr and stay in that phase (still serving
-        faults) until an agent leaves, the snapshot fails, or the process is killed."""
-        if self._hooks.get("pause_in") == phase:
-            import sys
+        faults) until SIGUSR1, an agent joins or leaves, the snapshot fails, or we are killed."""
+        if self._hooks.get("pause_in") != phase or phase in self._paused:
+            return
+        self._paused.add(phase)  # once per phase per snapshot
+        import signal
+        import sys
 
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
             sys.stderr.write(f"uffdsnap test hook: paused in {phase}\n")
             sys.stderr.flush()
-            await self.peers_changed.wait()
+            async with trio.open_nursery() as nursery:
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        break
+                    nursery.cancel_scope.cancel()
+
+                async def on_peers() -> None:
+                    await self.peers_changed.wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(on_signal)
+                nursery.start_soon(on_peers)
 
     async def _attach(self, pids: list[int]) -> None:
         """Start attach agents for `pids` and wait until each has joined or its process is gone."""
@@ -467,7 +511,7 @@ class Coordinator:
                 self._check_all_protected(run)
                 await run.all_protected.wait()
                 await self._test_pause("protecting")
-                untracked = self._untracked_writers(run.peers)
+                untracked = await self._settle_forks(run, self._untracked_writers(run.peers))
                 if not untracked:
                     return
                 if self.attacher is None:
@@ -480,9 +524,21 @@ class Coordinator:
             self._check_no_untracked_writers(run, "before T")
         await trio.sleep_forever()  # the failure cancels us
 
+    async def _settle_forks(self, run: Run, untracked: list[int]) -> list[int]:
+        """A child forked by a tracked process while protected is tracked by its parent's agent
+        (the uffd comes with the fork event), which reports it a moment later: give such
+        children a moment before calling them untracked."""
+        tracked = {pid for p in run.peers for pid in p.pids}
+        with trio.move_on_after(FORK_REPORT_GRACE_S):
+            while any(_ppid(pid) in tracked for pid in untracked):
+                await self.peers_changed.wait()
+                untracked = self._untracked_writers(run.peers)
+                tracked = {pid for p in run.peers for pid in p.pids}
+        return untracked
+
     def _untracked_writers(self, peers: list[Peer]) -> list[int]:
         """Pids that map the object writable and have no agent among `peers`."""
-        tracked = {p.pid for p in peers}
+        tracked = {pid for p in peers for pid in p.pids}
         mappers = find_mappers(self.obj.object_id, exclude={os.getpid()})
         return sorted(pid for pid, maps in mappers.items()
                       if pid not in tracked and any(m.writable for m in maps))
@@ -629,6 +685,33 @@ def hooks_from_environment() -> dict[str, Any]:
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+FORK_REPORT_GRACE_S = 2.0
+
+
+def _exists(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _is_hole(fd: int, offset: int) -> bool:
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) != offset
+    except OSError:
+        return True  # ENXIO: no data at or after offset
 
 
 def _comm(pid: int) -> str:

@@ -148,6 +148,25 @@ class Released(Message):
 
 
 @dataclass(frozen=True)
+class Tracked(Message):
+    """Every process the agent now tracks: its own, plus descendants forked while protected
+    (their uffds arrive with the fork event). Sent whenever the set changes."""
+
+    TYPE = "tracked"
+    KINDS = {"pids": "pids"}
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Removed(Message):
+    """MADV_REMOVE/MADV_DONTNEED hit these object ranges in a tracked process."""
+
+    TYPE = "removed"
+    KINDS = {"ranges": "ranges"}
+    ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
 class Gone(Message):
     """The agent's process exited (or exec'd away from the object); the agent is leaving."""
 
@@ -188,7 +207,7 @@ class Result(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, Welcome, Protect, Protected, Fault, Unprotect, Release, Released,
-                        Gone, Abort, Snap, Result)
+                        Tracked, Removed, Gone, Abort, Snap, Result)
 }
 
 # ---- states ---------------------------------------------------------------------------------
@@ -218,6 +237,9 @@ TRANSITIONS: dict[tuple[Role, str, State], State] = {
     (_A, "fault", _S.PROTECTING): _S.PROTECTING,
     (_A, "fault", _S.ACTIVE): _S.ACTIVE,
     (_A, "fault", _S.RELEASING): _S.RELEASING,
+    (_A, "removed", _S.PROTECTING): _S.PROTECTING,
+    (_A, "removed", _S.ACTIVE): _S.ACTIVE,
+    (_A, "removed", _S.RELEASING): _S.RELEASING,
     (_C, "unprotect", _S.ACTIVE): _S.ACTIVE,
     (_C, "unprotect", _S.RELEASING): _S.RELEASING,
     (_C, "release", _S.PROTECTING): _S.RELEASING,
@@ -231,6 +253,8 @@ for _state in (_S.AWAIT_HELLO, _S.AWAIT_WELCOME, _S.IDLE, _S.PROTECTING, _S.ACTI
     for _role in Role:
         TRANSITIONS[(_role, "abort", _state)] = _S.CLOSED
     TRANSITIONS[(_A, "gone", _state)] = _S.CLOSED
+for _state in (_S.IDLE, _S.PROTECTING, _S.ACTIVE, _S.RELEASING):
+    TRANSITIONS[(_A, "tracked", _state)] = _state
 
 # ---- validation -------------------------------------------------------------------------------
 
@@ -247,6 +271,12 @@ def _check_u(name: str, v: Any) -> int:
     if type(v) is not int or not 0 <= v <= _U63:
         raise RemoteProtocolError(f"field {name!r} must be an unsigned integer, got {v!r:.60}")
     return v
+
+
+def _check_list(name: str, v: Any, limit: int) -> tuple[int, ...]:
+    if not isinstance(v, list | tuple) or len(v) > limit:
+        raise RemoteProtocolError(f"field {name!r} must be a list of at most {limit} integers")
+    return tuple(_check_u(name, x) for x in v)
 
 
 def _check_pairs(name: str, v: Any, width: int, limit: int) -> tuple[tuple[int, ...], ...]:
@@ -275,6 +305,8 @@ def _check_field(name: str, kind: str, v: Any) -> Any:
         return _check_pairs(name, v, 2, MAX_RANGES)
     if kind == "maps":
         return _check_pairs(name, v, 3, MAX_RANGES)
+    if kind == "pids":
+        return _check_list(name, v, MAX_RANGES)
     if kind == "hist":
         return _check_pairs(name, v, 2, MAX_HISTOGRAM_BUCKETS)
     if kind == "d":
@@ -302,7 +334,7 @@ def check_geometry(msg: Message, geo: ObjectGeometry | None) -> None:
         return
     if isinstance(msg, Fault):
         _check_span("fault", msg.offset, geo.page_size, geo)
-    elif isinstance(msg, Unprotect):
+    elif isinstance(msg, Unprotect | Removed):
         for off, length in msg.ranges:
             _check_span("unprotect range", off, length, geo)
     elif isinstance(msg, Protected):
@@ -344,7 +376,9 @@ def encode(msg: Message) -> bytes:
     obj: dict[str, Any] = {"t": msg.TYPE}
     for f in fields(msg):
         v = getattr(msg, f.name)
-        obj[f.name] = list(map(list, v)) if isinstance(v, tuple) else v
+        if isinstance(v, tuple):
+            v = [list(x) if isinstance(x, tuple) else x for x in v]
+        obj[f.name] = v
     payload = msgpack.packb(obj, use_bin_type=True)
     if len(payload) > MAX_MESSAGE_BYTES:
         raise LocalProtocolError(f"{msg.TYPE} message of {len(payload)} bytes exceeds the limit")
