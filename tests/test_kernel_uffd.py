@@ -383,7 +383,7 @@ def test_register_errors_name_ioctl_errno_and_range(writer: Writer) -> None:
     with pytest.raises(KernelError) as e:  # protect before register
         uf.writeprotect(uffd, writer.address, PAGE, protect=True)
     assert e.value.call == "UFFDIO_WRITEPROTECT" and f"start={writer.address:#x}" in str(e.value)
-    assert errno.errorcode[e.value.errno] in str(e.value)
+    assert e.value.errno is not None and errno.errorcode[e.value.errno] in str(e.value)
 
     with pytest.raises(KernelError) as e:  # UFFDIO_API is allowed once per fd
         uf.api(uffd, uf.REQUIRED_FEATURES)

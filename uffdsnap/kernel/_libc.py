@@ -62,8 +62,11 @@ def syscall(call: str, nr: int, *args: int, detail: str = "") -> int:
 
 
 def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.c_void_p | int | None,
-          call: str, detail: str = "") -> int:
-    """ioctl(fd, request, &arg); raise KernelError naming `call` (e.g. "UFFDIO_REGISTER")."""
+          call: str, detail: str = "", hints: dict[int, str] | None = None) -> int:
+    """ioctl(fd, request, &arg); raise KernelError naming `call` (e.g. "UFFDIO_REGISTER").
+
+    `hints` overrides the generic hint for errnos whose meaning is specific to this call.
+    """
     if isinstance(arg, ctypes.Structure):
         ptr: object = ctypes.byref(arg)
     elif isinstance(arg, int):
@@ -72,5 +75,6 @@ def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.c_void_p | int |
         ptr = arg
     ret = _ioctl(fd, request, ptr)
     if ret < 0:
-        raise KernelError(call, ctypes.get_errno(), detail)
+        err = ctypes.get_errno()
+        raise KernelError(call, err, detail, hints.get(err) if hints else None)
     return ret

@@ -26,18 +26,29 @@ def ancillary_space(max_fds: int = MAX_FDS_PER_MESSAGE) -> int:
 
 
 def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], msg_flags: int = 0) -> list[int]:
-    """The fds in recvmsg() ancillary data. If the kernel truncated them (MSG_CTRUNC), the ones
-    that did arrive are closed and ValueError is raised, so nothing leaks."""
+    """The fds in recvmsg() ancillary data, made close-on-exec (a uffd must never leak into a
+    program we start: the holder's death has to release the workload).
+
+    If the kernel truncated the fds (MSG_CTRUNC) or the message itself (MSG_TRUNC, datagram and
+    seqpacket sockets), the fds that did arrive are closed and ValueError is raised, so nothing
+    leaks and no half message is taken for a whole one.
+    """
     fds = array.array("i")
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             whole = len(data) - (len(data) % fds.itemsize)
             fds.frombytes(data[:whole])
     received = list(fds)
-    if msg_flags & socket.MSG_CTRUNC:
+    truncated = [name for flag, name in ((socket.MSG_CTRUNC, "file descriptors (MSG_CTRUNC)"),
+                                         (socket.MSG_TRUNC, "message data (MSG_TRUNC)"))
+                 if msg_flags & flag]
+    if truncated:
         for fd in received:
             os.close(fd)
-        raise ValueError("file descriptors were truncated in transit (MSG_CTRUNC)")
+        raise ValueError(f"{' and '.join(truncated)} truncated in transit: receive buffer too "
+                         "small")
+    for fd in received:
+        os.set_inheritable(fd, False)
     return received
 
 
@@ -48,6 +59,8 @@ def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 
 def recv_fds(sock: socket.socket, bufsize: int,
              max_fds: int = MAX_FDS_PER_MESSAGE) -> tuple[bytes, list[int]]:
-    """Receive up to `bufsize` bytes and any fds attached, on a blocking Unix socket."""
-    data, ancdata, flags, _ = sock.recvmsg(bufsize, ancillary_space(max_fds))
+    """Receive up to `bufsize` bytes and any fds attached (close-on-exec from the start), on a
+    blocking Unix socket. ValueError if anything was truncated (see fds_from_ancillary)."""
+    data, ancdata, flags, _ = sock.recvmsg(bufsize, ancillary_space(max_fds),
+                                           socket.MSG_CMSG_CLOEXEC)
     return data, fds_from_ancillary(ancdata, flags)

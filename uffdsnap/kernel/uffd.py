@@ -99,6 +99,16 @@ class _Writeprotect(ctypes.Structure):
     _fields_ = [("range", _Range), ("mode", ctypes.c_uint64)]
 
 
+# What REGISTER/UNREGISTER errnos mean (fs/userfaultfd.c): ENOMEM is how they report that the
+# creator's address space is gone (other ioctls say ESRCH); EINVAL covers holes in the range.
+_RANGE_HINTS: dict[int, str] = {
+    errno.ENOMEM: "the process that created this userfaultfd has exited (its address space is "
+    "gone)",
+    errno.EINVAL: "the range is unaligned, not entirely mapped in the creating process, or not "
+    "registrable in this mode (WP on shmem/hugetlb needs WP_HUGETLBFS_SHMEM negotiated)",
+}
+
+
 def _span(start: int, length: int) -> str:
     return f"start={start:#x}, len={length:#x}"
 
@@ -147,19 +157,19 @@ def create_uffd(flags: int = os.O_NONBLOCK | os.O_CLOEXEC) -> tuple[int, str]:
     routes = [("syscall", create_uffd_syscall), ("device", create_uffd_device)]
     if _route_that_worked == "device":
         routes.reverse()
-    first_error: KernelError | None = None
+    errors: dict[str, KernelError] = {}
     for name, create in routes:
         try:
             fd = create(flags)
         except KernelError as e:
-            if first_error is None:
-                first_error = e
-                continue
-            raise KernelError(first_error.call, first_error.errno, first_error.detail,
-                              f"{first_error.hint}; {USERFAULTFD_DEVICE} route: {e}") from None
+            errors[name] = e
+            continue
         _route_that_worked = name
         return fd, name
-    raise AssertionError("unreachable")
+    # Both failed: raise the syscall's error, whichever route was tried first.
+    first, other = errors["syscall"], errors["device"]
+    raise KernelError(first.call, first.errno or errno.EIO, first.detail,
+                      f"{first.hint}; {USERFAULTFD_DEVICE} route: {other}")
 
 
 @dataclass(frozen=True)
@@ -198,14 +208,15 @@ def register(uffd: int, start: int, length: int, mode: int = REGISTER_MODE_WP) -
     """Register [start, start+length) of the uffd creator's address space; return the ioctls
     bitmask usable on the range."""
     arg = _Register(_Range(start, length), mode, 0)
-    ioctl(uffd, UFFDIO_REGISTER, arg, "UFFDIO_REGISTER", f"{_span(start, length)}, mode={mode}")
+    ioctl(uffd, UFFDIO_REGISTER, arg, "UFFDIO_REGISTER", f"{_span(start, length)}, mode={mode}",
+          hints=_RANGE_HINTS)
     return arg.ioctls
 
 
 def unregister(uffd: int, start: int, length: int) -> None:
     """Unregister [start, start+length); clears uffd-wp state and wakes waiters on the range."""
     ioctl(uffd, UFFDIO_UNREGISTER, _Range(start, length), "UFFDIO_UNREGISTER",
-          _span(start, length))
+          _span(start, length), hints=_RANGE_HINTS)
 
 
 def writeprotect(uffd: int, start: int, length: int, protect: bool, wake: bool = True) -> None:
@@ -321,5 +332,7 @@ def read_events(uffd: int, max_messages: int = 128) -> list[UffdEvent]:
         except InterruptedError:
             continue
         except OSError as e:
-            raise KernelError("read", e.errno or errno.EIO, f"uffd={uffd}") from None
+            err = e.errno or errno.EIO
+            hint = "UFFDIO_API has not been called on this uffd" if err == errno.EINVAL else None
+            raise KernelError("read", err, f"uffd={uffd}", hint) from None
         return decode_messages(buf)
