@@ -9,8 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import make_workload, needs_root, start_writers, stop_writers
-from procutil import assert_nothing_published, assert_writers_resume, paused_snapshot
+from procutil import (
+    assert_nothing_published,
+    assert_writers_resume,
+    paused_snapshot,
+    wait_gone,
+    wait_line,
+)
 from uffdsnap import workload as wl
 from uffdsnap.image import verify
 
@@ -79,3 +87,85 @@ def test_verify_after_fork_free_run(shm_path: str, tmp_path: Path) -> None:
         assert wl.check_file(out).ok and verify(out).ok
     finally:
         stop_writers(shm_path, writers)
+
+
+class Lifecycle:
+    """A helpers/lifecycle.c writer: forks a child writer on SIGUSR1, mremaps on SIGUSR2."""
+
+    def __init__(self, path: str, index: int, child_index: int, supervisor: bool = False):
+        from uffdsnap import native
+
+        self.proc = subprocess.Popen([str(native.build("lifecycle")), "--object", path,
+                                      "--index", str(index), "--child-index",
+                                      str(child_index)] + (["--supervisor"] if supervisor
+                                                           else []),
+                                     stdout=subprocess.PIPE, text=True)
+        assert "ready" in wait_line(self.proc.stdout, "ready")
+        self.children: list[int] = []
+
+    def fork(self) -> int:
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        line = wait_line(self.proc.stdout, "forked")
+        child = int(line.split("pid=")[1].split()[0])
+        self.children.append(child)
+        return child
+
+    def remap(self) -> str:
+        os.kill(self.proc.pid, signal.SIGUSR2)
+        return wait_line(self.proc.stdout, "remapped")
+
+    def stop(self, path: str) -> None:
+        wl.set_stop(path)
+        self.proc.wait(timeout=30)
+        wait_gone(self.children)
+
+
+@pytest.mark.parametrize("phase", ["protecting", "copying"])
+def test_fork_during_snapshot(phase: str, shm_path: str, tmp_path: Path) -> None:
+    """A tracked process forks a child that writes, while processes are being protected (a
+    pre-forking master, which does not write itself: a writer blocked on a held fault cannot
+    fork before T) or while pages are being copied (a writer): the child is tracked by its
+    parent's agent from its first write (its uffd arrives with the fork event), and the image
+    is still one instant."""
+    make_workload(shm_path, 3, data_pages=256)
+    plain = start_writers(shm_path, native=1, first_index=1)
+    forker = Lifecycle(shm_path, 0, child_index=2, supervisor=phase == "protecting")
+    out = str(tmp_path / "fork.img")
+    try:
+        proc = paused_snapshot(shm_path, out, phase)
+        child = forker.fork()  # the agent reports the child, which ends the pause
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        summary = json.loads(stdout)
+        [agent] = [p for p in summary["processes"] if p["pid"] == forker.proc.pid]
+        assert agent["children"] == [child]
+        result = wl.check_file(out)
+        assert result.ok, result.summary()
+        live = wl.read_live_seqs(shm_path)
+        assert live[2] > result.seqs[2]  # the child kept writing after T
+    finally:
+        forker.stop(shm_path)
+        stop_writers(shm_path, plain)
+
+
+def test_mremap_during_snapshot(shm_path: str, tmp_path: Path) -> None:
+    """A writer moves its mapping with mremap() mid-copy: the agent follows the move (remap
+    event) and keeps translating its faults; the image is one instant."""
+    make_workload(shm_path, 2, data_pages=512)
+    plain = start_writers(shm_path, native=1, first_index=1)
+    mover = Lifecycle(shm_path, 0, child_index=1)
+    out = str(tmp_path / "remap.img")
+    try:
+        proc = paused_snapshot(shm_path, out, "copying")
+        mover.remap()
+        os.kill(proc.pid, signal.SIGUSR1)  # end the pause
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        result = wl.check_file(out)
+        assert result.ok, result.summary()
+        assert_writers_resume(shm_path, plain)
+        before = wl.read_live_seqs(shm_path)[0]
+        assert before > result.seqs[0]
+    finally:
+        mover.stop(shm_path)
+        stop_writers(shm_path, plain)
