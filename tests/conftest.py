@@ -43,7 +43,7 @@ def make_workload(path: str, nwriters: int, data_pages: int = 512) -> wl.Layout:
 @asynccontextmanager
 async def running_coordinator(path: str, tmp_path: Path, *, attach: bool = True,
                               hooks: dict[str, Any] | None = None,
-                              protect_timeout: float = 30.0
+                              protect_timeout: float = 30.0, delegate: bool = False
                               ) -> AsyncIterator[tuple[Coordinator, str]]:
     """A coordinator for the object at `path`, serving on a socket in `tmp_path`, in this
     process (which never maps the object, so it is never a mapper itself)."""
@@ -51,7 +51,8 @@ async def running_coordinator(path: str, tmp_path: Path, *, attach: bool = True,
     obj = open_object(path)
     listener = await listen(sock)
     coordinator = Coordinator(obj, attach_path=sock if attach else None,
-                              protect_timeout=protect_timeout, test_hooks=hooks or {})
+                              protect_timeout=protect_timeout, test_hooks=hooks or {},
+                              delegate=delegate)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(coordinator.serve, listener)
@@ -113,3 +114,68 @@ def stop_writers(path: str, writers: list[wl.WriterProcess]) -> list[int]:
     finally:
         for w in writers:
             w.kill()
+
+
+# --- huge pages: reserved by the tests that need them, never assumed ---------------------------
+
+HUGE_PAGE = 2 << 20
+HUGEPAGES_PER_TEST = 64  # 128 MiB: every hugetlb test here needs well under this
+_HUGE_SYSFS = "/sys/kernel/mm/hugepages/hugepages-2048kB"
+
+
+def _read_int(path: str) -> int:
+    with open(path) as f:
+        return int(f.read())
+
+
+def _set_nr_hugepages(count: int) -> int:
+    """Ask the kernel for `count` persistent 2 MiB pages; return how many it now has."""
+    with open(f"{_HUGE_SYSFS}/nr_hugepages", "w") as f:
+        f.write(str(count))
+    return _read_int(f"{_HUGE_SYSFS}/nr_hugepages")
+
+
+@pytest.fixture
+def hugepages() -> Iterator[int]:
+    """Reserve HUGEPAGES_PER_TEST more free 2 MiB huge pages for one test (raising the 2 MiB
+    pool, the per-size vm.nr_hugepages) and restore the pool afterwards; yields the number of
+    free pages. Never skips: CI runs as root and must run the hugetlb tests, so a pool that
+    cannot grow fails the test with the reason."""
+    try:
+        old = _read_int(f"{_HUGE_SYSFS}/nr_hugepages")
+        free = _read_int(f"{_HUGE_SYSFS}/free_hugepages")
+        added = _set_nr_hugepages(old + HUGEPAGES_PER_TEST) - old
+    except OSError as e:
+        pytest.fail(f"cannot reserve 2 MiB huge pages through {_HUGE_SYSFS}/nr_hugepages: "
+                    f"{e.strerror} (needs root and a kernel with CONFIG_HUGETLBFS)")
+    try:
+        if added < HUGEPAGES_PER_TEST:
+            pytest.fail(f"asked the kernel for {HUGEPAGES_PER_TEST} more 2 MiB huge pages, it "
+                        f"found only {added} (memory too fragmented or too small: "
+                        f"{_read_int(f'{_HUGE_SYSFS}/free_hugepages')} free)")
+        yield free + added
+    finally:
+        # Give back what we added (not "restore the old value": other runs may be reserving
+        # at the same time). Pages still in use stay as surplus until freed.
+        if added > 0:
+            _set_nr_hugepages(max(_read_int(f"{_HUGE_SYSFS}/nr_hugepages") - added, 0))
+
+
+@pytest.fixture
+def hugetlbfs(tmp_path: Path, hugepages: int) -> Iterator[Path]:
+    """A hugetlbfs (2 MiB pages) mounted on a fresh directory for one test, unmounted after
+    (lazily if something still holds it, so a failing test cannot leave it behind)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    where = tmp_path / "hugetlbfs"
+    where.mkdir()
+    if libc.mount(b"none", os.fsencode(where), b"hugetlbfs", 0, b"pagesize=2M") != 0:
+        err = ctypes.get_errno()
+        pytest.fail(f"mount -t hugetlbfs none {where}: {os.strerror(err)} (needs root, "
+                    "CAP_SYS_ADMIN)")
+    try:
+        yield where
+    finally:
+        if libc.umount2(os.fsencode(where), 0) != 0:
+            libc.umount2(os.fsencode(where), 2)  # MNT_DETACH

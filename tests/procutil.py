@@ -80,11 +80,13 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-def paused_snapshot(shm_path: str, out: str, phase: str) -> subprocess.Popen[str]:
+def paused_snapshot(shm_path: str, out: str, phase: str,
+                    mode: str = "agents") -> subprocess.Popen[str]:
     env = {**os.environ, "UFFDSNAP_TEST_HOOKS": json.dumps({"pause_in": phase})}
     proc = subprocess.Popen([sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path,
-                             "-o", out, "--json"], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "-o", out, "--json", "--mode", mode], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     wait_line(proc.stderr, f"paused in {phase}")
     return proc
 

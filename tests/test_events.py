@@ -120,8 +120,9 @@ class Lifecycle:
         wait_gone(self.children)
 
 
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
 @pytest.mark.parametrize("phase", ["protecting", "copying"])
-def test_fork_during_snapshot(phase: str, shm_path: str, tmp_path: Path) -> None:
+def test_fork_during_snapshot(phase: str, mode: str, shm_path: str, tmp_path: Path) -> None:
     """A tracked process forks a child that writes, while processes are being protected (a
     pre-forking master, which does not write itself: a writer blocked on a held fault cannot
     fork before T) or while pages are being copied (a writer): the child is tracked by its
@@ -132,7 +133,7 @@ def test_fork_during_snapshot(phase: str, shm_path: str, tmp_path: Path) -> None
     forker = Lifecycle(shm_path, 0, child_index=2, supervisor=phase == "protecting")
     out = str(tmp_path / "fork.img")
     try:
-        proc = paused_snapshot(shm_path, out, phase)
+        proc = paused_snapshot(shm_path, out, phase, mode)
         child = forker.fork()  # the agent reports the child, which ends the pause
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr
@@ -148,7 +149,8 @@ def test_fork_during_snapshot(phase: str, shm_path: str, tmp_path: Path) -> None
         stop_writers(shm_path, plain)
 
 
-def test_mremap_during_snapshot(shm_path: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+def test_mremap_during_snapshot(mode: str, shm_path: str, tmp_path: Path) -> None:
     """A writer moves its mapping with mremap() mid-copy: the agent follows the move (remap
     event) and keeps translating its faults; the image is one instant."""
     make_workload(shm_path, 2, data_pages=512)
@@ -156,7 +158,7 @@ def test_mremap_during_snapshot(shm_path: str, tmp_path: Path) -> None:
     mover = Lifecycle(shm_path, 0, child_index=1)
     out = str(tmp_path / "remap.img")
     try:
-        proc = paused_snapshot(shm_path, out, "copying")
+        proc = paused_snapshot(shm_path, out, "copying", mode)
         mover.remap()
         os.kill(proc.pid, signal.SIGUSR1)  # end the pause
         stdout, stderr = proc.communicate(timeout=60)

@@ -158,3 +158,33 @@ def test_agent_drops_malformed_coordinator_and_frees_writer(kind: str, shm_path:
             agent.kill()
         listener.close()
         stop_writers(shm_path, [writer])
+
+
+@pytest.mark.parametrize("phase", ["protecting", "copying"])
+def test_delegated_agent_killed(phase: str, shm_path: str, writers: list[wl.WriterProcess],
+                                tmp_path: Path) -> None:
+    """Delegated mode: the coordinator holds a copy of the dead agent's uffd, so the agent's
+    death alone would not release its process. The snapshot fails and the coordinator drops its
+    copies: every writer resumes."""
+    out = str(tmp_path / "x.img")
+    proc = paused_snapshot(shm_path, out, phase, mode="delegated")
+    agents = children_agents(proc.pid)
+    os.kill(agents[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1, stdout
+    assert json.loads(stdout)["ok"] is False
+    assert_writers_resume(shm_path, writers)
+    wait_gone(agents)
+    assert_nothing_published(out)
+
+
+def test_delegated_coordinator_killed(shm_path: str, writers: list[wl.WriterProcess],
+                                      tmp_path: Path) -> None:
+    out = str(tmp_path / "x.img")
+    proc = paused_snapshot(shm_path, out, "copying", mode="delegated")
+    agents = children_agents(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert_writers_resume(shm_path, writers)
+    wait_gone(agents)
+    assert_nothing_published(out)

@@ -111,8 +111,10 @@ def test_out_of_range_fault_is_rejected(bad: Fault) -> None:
 
 def test_out_of_turn_messages() -> None:
     agent, coord = joined_pair()
-    with pytest.raises(LocalProtocolError):
-        coord.send(Unprotect(((0, PS),)))  # nothing is protected yet
+    deliver(coord, agent, Protect(1))
+    with pytest.raises(LocalProtocolError):  # the rule: nothing is un-protected before T
+        coord.send(Unprotect(((0, PS),)))
+    agent, coord = joined_pair()
     coord.receive_data(frame({"t": "protected", "snapshot": 1, "mappings": [], "protect_ns": 0}))
     with pytest.raises(RemoteProtocolError, match="may not send protected in state idle"):
         coord.next_message()
@@ -173,6 +175,21 @@ def test_partial_frames_wait_for_more_bytes() -> None:
     assert coord.next_message() is None
     coord.receive_data(data[-1:])
     assert coord.next_message() == Fault(3 * PS)
+
+
+def test_messages_crossing_released_are_legal_in_idle() -> None:
+    """The coordinator may un-protect after the agent sent `released` (they cross in flight),
+    and an agent may read one last fault after it: stale, harmless, and not a protocol error."""
+    agent, coord = joined_pair()
+    deliver(coord, agent, Protect(1))
+    deliver(agent, coord, Protected(1, (), 0))
+    deliver(coord, agent, Release(1))
+    late = coord.send(Unprotect(((0, PS),)))  # coordinator: still releasing
+    deliver(agent, coord, Released(1))
+    agent.receive_data(late)
+    assert agent.next_message() == Unprotect(((0, PS),))
+    assert deliver(agent, coord, Fault(PS)) == Fault(PS)
+    assert agent.state == coord.state == State.IDLE
 
 
 def test_abort_and_gone_close_from_any_state() -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 
 from conftest import make_workload, needs_root, running_coordinator, start_writers, stop_writers
@@ -32,11 +33,14 @@ async def _snapshot_and_check(coordinator, path: str, out: str) -> dict:
     return summary
 
 
-async def test_native_and_enlisted_writers_repeatedly(shm_path: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+async def test_native_and_enlisted_writers_repeatedly(mode: str, shm_path: str,
+                                                      tmp_path: Path) -> None:
     """4 unmodified native writers (attached with ptrace) and 2 enlisted Python writers write
     throughout 3 snapshots from one long-running coordinator: each image is one instant."""
     make_workload(shm_path, 6, data_pages=1024)
-    async with running_coordinator(shm_path, tmp_path) as (coordinator, sock):
+    async with running_coordinator(shm_path, tmp_path, delegate=mode == "delegated") as (
+            coordinator, sock):
         writers = await trio.to_thread.run_sync(
             lambda: start_writers(shm_path, native=4, enlisted=2, enlist=sock))
         try:
@@ -173,3 +177,35 @@ async def test_long_running_coordinator_via_cli(shm_path: str, tmp_path: Path) -
         coord.send_signal(signal.SIGTERM)
         assert coord.wait(timeout=20) == 0
     assert not os.path.exists(sock)
+
+
+async def test_both_modes_give_the_same_bytes(shm_path: str, tmp_path: Path) -> None:
+    """For a frozen object (processes map it writable, so agents attach and protect, but none
+    writes), agents mode and delegated mode produce identical images, equal to the object."""
+    from uffdsnap import native
+
+    make_workload(shm_path, 4, data_pages=256)
+    for w in start_writers(shm_path, native=4, max_ops=3000):
+        assert w.proc.wait(timeout=60) == 0  # fill the object, then exit
+    idle = [subprocess.Popen([str(native.build("lifecycle")), "--object", shm_path, "--index",
+                              str(i), "--supervisor"], stdout=subprocess.PIPE, text=True)
+            for i in range(2)]
+    try:
+        for p in idle:
+            assert p.stdout is not None and "ready" in p.stdout.readline()
+        images = []
+        for mode in ("agents", "delegated"):
+            out = str(tmp_path / f"{mode}.img")
+            proc = await trio.run_process(
+                ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", out,
+                 "--mode", mode, "--json"], capture_stdout=True, capture_stderr=True,
+                check=False)
+            assert proc.returncode == 0, proc.stderr.decode()
+            assert json.loads(proc.stdout)["mode"] == mode
+            images.append(Path(out).read_bytes())
+        assert images[0] == images[1]
+        assert images[0] == Path(shm_path).read_bytes()
+    finally:
+        wl.set_stop(shm_path)
+        for p in idle:
+            p.wait(timeout=30)

@@ -14,9 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -24,10 +22,12 @@ from uffdsnap.channel import Channel, PeerClosed, connect
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.pidfd import pidfd_open
-from uffdsnap.kernel.procmaps import Mapping, ObjectId, mappings_of
+from uffdsnap.kernel.procmaps import Mapping, ObjectId
 from uffdsnap.protocol import (
     PROTOCOL_VERSION,
     Abort,
+    Delegate,
+    Event,
     Fault,
     Gone,
     Hello,
@@ -44,6 +44,7 @@ from uffdsnap.protocol import (
     Welcome,
 )
 from uffdsnap.stats import LatencyHistogram
+from uffdsnap.tracker import GONE, Tracker, boot_ticks
 
 JOIN_TIMEOUT_S = 30.0
 # Features asked of the kernel for a snapshot uffd (those it lacks are simply not requested,
@@ -63,173 +64,6 @@ def negotiate(uffd: int) -> K.ApiInfo:
         raise KernelError("UFFDIO_API", errno.EINVAL, f"features={WANTED_FEATURES:#x}",
                           f"kernel lacks {', '.join(K.feature_names(missing))}")
     return K.api(uffd, WANTED_FEATURES & supported)
-
-
-# errnos with which a uffd ioctl says its creator's address space is gone (exit or exec):
-# REGISTER/UNREGISTER report ENOMEM, the others ESRCH.
-GONE = (errno.ESRCH, errno.ENOMEM)
-EAGAIN_RETRIES = 2000
-
-
-@dataclass(eq=False)
-class Tracker:
-    """The uffd of one process and its mappings of the object: protect, translate, release.
-
-    `pid` is None for a child forked during a snapshot until we have found it in /proc; its
-    mappings are then the parent's at the fork (the kernel copied them, registered and
-    write-protected, into the child).
-    """
-
-    uffd: int
-    pid: int | None
-    object_id: ObjectId
-    page_size: int
-    mappings: list[Mapping] = field(default_factory=list)
-    registered: list[tuple[int, int]] = field(default_factory=list)  # (start, end)
-    protected: bool = False
-    backlog: deque[K.UffdEvent] = field(default_factory=deque)
-    pidfd: int = -1
-    # Clock ticks since boot (the unit of /proc/PID/stat start times) when this process was
-    # first registered: only children started since then can arrive with a fork event.
-    registered_since: int = 0
-
-    def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
-        """Run one uffd ioctl; while a fork/remap/remove event is pending the kernel answers
-        EAGAIN: read the pending events (kept in `backlog` for the reader) and retry."""
-        for _ in range(EAGAIN_RETRIES):
-            try:
-                fn(*args, **kwargs)
-                return
-            except KernelError as e:
-                if e.errno != errno.EAGAIN:
-                    raise
-            events = K.read_events(self.uffd)
-            self.backlog.extend(events)
-            if not events:
-                time.sleep(0.0001)
-        raise KernelError("uffd ioctl", errno.EAGAIN, f"uffd={self.uffd}",
-                          "an event stayed pending; the process is changing its mappings")
-
-    def refresh(self) -> None:
-        """Re-read this process's mappings of the object (once we know its pid)."""
-        if self.pid is not None:
-            self.mappings = mappings_of(self.pid, self.object_id)
-
-    def protect(self) -> list[Mapping]:
-        """Register and write-protect every shared mapping of the object in the process."""
-        self.refresh()
-        self.protected = True
-        if not self.registered:
-            self.registered_since = boot_ticks()
-        for m in self.mappings:
-            self._call(K.register, self.uffd, m.start, m.length, K.REGISTER_MODE_WP)
-            self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
-        self.registered = [(m.start, m.end) for m in self.mappings]
-        return self.mappings
-
-    def remapped(self, event: K.Remap) -> None:
-        """mremap moved [old, old+len) to new: the kernel moved the registration and the
-        protected PTEs with it. Follow it, and protect any part that is new (a grown mapping)."""
-        delta = event.new_address - event.old_address
-        lo, hi = event.old_address, event.old_address + event.length
-
-        def moved(a: int, b: int) -> tuple[int, int]:
-            return (a + delta, b + delta) if lo <= a and b <= hi else (a, b)
-
-        self.registered = [moved(a, b) for a, b in self.registered]
-        self.mappings = [replace(m, start=moved(m.start, m.end)[0], end=moved(m.start, m.end)[1])
-                         for m in self.mappings]
-        self._adopt()
-
-    def unmapped(self, start: int, end: int) -> None:
-        """[start, end) was unmapped: forget it."""
-        self.registered = _cut(self.registered, start, end)
-        self.mappings = [m for m in self.mappings if m.end <= start or m.start >= end] + [
-            replace(m, start=a, end=b, offset=m.offset + a - m.start)
-            for m in self.mappings if not (m.end <= start or m.start >= end)
-            for a, b in _cut([(m.start, m.end)], start, end)]
-        self._adopt()
-
-    def _adopt(self) -> None:
-        """After the layout changed: re-read it if we can, and register (and, during a snapshot,
-        protect) whatever part of it is not covered by what we registered."""
-        self.refresh()
-        if not self.protected:
-            return
-        for m in self.mappings:
-            if not _covered(m.start, m.end, self.registered):
-                self._call(K.register, self.uffd, m.start, m.length, K.REGISTER_MODE_WP)
-                self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
-        self.registered = [(m.start, m.end) for m in self.mappings]
-
-    def offset_of(self, address: int) -> int | None:
-        """Page-aligned object offset of a faulting address, None if outside every mapping."""
-        for m in self.mappings:
-            off = m.offset_of(address)
-            if off is not None:
-                return off - off % self.page_size
-        return None
-
-    def spans(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """(address, length) of object range [offset, offset+length) in every mapping."""
-        end = offset + length
-        out = []
-        for m in self.mappings:
-            lo, hi = max(offset, m.offset), min(end, m.offset + m.length)
-            if lo < hi:
-                out.append((m.start + lo - m.offset, hi - lo))
-        return out
-
-    def unprotect(self, offset: int, length: int) -> None:
-        """Un-protect object range [offset, offset+length) in every mapping, waking waiters."""
-        for address, span in self.spans(offset, length):
-            self._call(K.writeprotect, self.uffd, address, span, protect=False)
-
-    def release(self) -> None:
-        """Un-protect and unregister everything registered; tolerate a process that is gone."""
-        self.protected = False
-        for start, end in self.registered:
-            for op in (K.writeprotect, K.unregister):
-                try:
-                    if op is K.writeprotect:
-                        self._call(K.writeprotect, self.uffd, start, end - start, protect=False)
-                    else:
-                        self._call(K.unregister, self.uffd, start, end - start)
-                except KernelError as e:
-                    if e.errno not in (*GONE, errno.EINVAL, errno.ENOENT):
-                        raise
-        self.registered = []
-
-    def close(self) -> None:
-        os.close(self.uffd)
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-
-
-def _cut(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    """`ranges` minus [start, end)."""
-    out = []
-    for a, b in ranges:
-        if b <= start or a >= end:
-            out.append((a, b))
-            continue
-        if a < start:
-            out.append((a, start))
-        if b > end:
-            out.append((end, b))
-    return out
-
-
-def _covered(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
-    """True if [start, end) lies inside the union of `ranges`."""
-    pos = start
-    for a, b in sorted(ranges):
-        if a <= pos < b:
-            pos = b
-        if pos >= end:
-            return True
-    return pos >= end
 
 
 class _FaultLog:
@@ -301,6 +135,7 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
         try:
             welcome = await _join(chan, pid, mode)
             obj = ObjectId(welcome.major, welcome.minor, welcome.inode)
+            agent.delegate = welcome.delegate
             agent.add(Tracker(uffd, pid, obj, welcome.page_size, pidfd=pidfd))
             uffd = pidfd = -1  # the tracker owns them now
             if on_joined is not None:
@@ -327,8 +162,17 @@ class Agent:
         self.ended: list[str] = []
         self._nursery: trio.Nursery | None = None
         self._chan: Channel | None = None
+        # Delegated mode: between protect and release the coordinator reads our uffds
+        # (it holds copies) and we do not.
+        self.delegate = False
+        self.delegated_now = False
+        self._resumed = trio.Event()
+        self._next_ident = 1
 
     def add(self, tracker: Tracker) -> None:
+        if not tracker.ident:
+            tracker.ident = self._next_ident
+            self._next_ident += 1
         self.trackers.append(tracker)
         if self._nursery is not None:
             self._nursery.start_soon(self._read_faults, tracker)
@@ -384,19 +228,32 @@ class Agent:
                 msg = await chan.receive()
                 if isinstance(msg, Protect):
                     self.log.reset()
+                    if self.delegate:
+                        self.delegated_now = True  # stop reading before anything can fault
+                        self._resumed = trio.Event()
                     t0 = monotonic_ns()
                     maps = [m for t in list(self.trackers) for m in self._protect(t)]
+                    protect_ns = monotonic_ns() - t0
+                    if self.delegate:
+                        for t in list(self.trackers):
+                            spans = tuple((m.start, m.length, m.offset) for m in t.mappings)
+                            await chan.send(Delegate(t.ident, t.pid or 0, spans), fds=[t.uffd])
                     await chan.send(Protected(
                         msg.snapshot, tuple((m.start, m.length, m.offset) for m in maps),
-                        monotonic_ns() - t0))
+                        protect_ns))
                 elif isinstance(msg, Unprotect):
                     for tracker in list(self.trackers):
                         self._unprotect(tracker, msg.ranges)
                     self.log.served(msg.ranges, self.trackers[0].page_size if self.trackers
                                     else 1, monotonic_ns())
+                elif isinstance(msg, Event):
+                    self._delegated_event(chan, msg)
                 elif isinstance(msg, Release):
                     for tracker in list(self.trackers):
                         tracker.release()
+                    if self.delegated_now:
+                        self.delegated_now = False
+                        self._resumed.set()
                     await chan.send(Released(msg.snapshot, self.log.faults, self.log.hist.buckets(),
                                              self.log.hist.max_ns))
                 elif isinstance(msg, Abort):
@@ -418,6 +275,31 @@ class Agent:
                     await chan.send(Abort(f"agent for pid {self.pid}: {e}"))
                 except (PeerClosed, ProtocolError, OSError):
                     pass
+
+    def _delegated_event(self, chan: Channel, msg: Event) -> None:
+        """An event the coordinator read from one of our uffds while delegated: apply it as if
+        we had read it ourselves."""
+        fd = chan.take_fd() if msg.kind == "fork" else -1
+        tracker = next((t for t in self.trackers if t.ident == msg.tracker), None)
+        if tracker is None:
+            if fd >= 0:
+                os.close(fd)
+            return
+        if msg.kind == "fork":
+            self._adopt_child(tracker, fd, msg.child)
+        elif msg.kind == "remap":
+            tracker.remapped(K.Remap(msg.a, msg.b, msg.c))
+        elif msg.kind == "unmap":
+            tracker.unmapped(msg.a, msg.b)
+
+    def _adopt_child(self, parent: Tracker, uffd: int, ident: int = 0) -> None:
+        """Track a child forked by `parent` (its uffd came with the fork event); find its pid."""
+        child = Tracker(uffd, None, parent.object_id, parent.page_size, list(parent.mappings),
+                        list(parent.registered), parent.protected,
+                        registered_since=boot_ticks(), ident=ident)
+        self.add(child)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._find_child, parent, child)
 
     def _protect(self, tracker: Tracker) -> list[Mapping]:
         try:
@@ -444,9 +326,14 @@ class Agent:
         """Read this process's uffd: forward faults, follow fork/remap/unmap/remove."""
         while tracker in self.trackers:
             if not tracker.backlog:
+                if self.delegated_now:
+                    await self._resumed.wait()
+                    continue
                 # Events drained during an EAGAIN retry wait in the backlog: look again soon.
                 with trio.move_on_after(0.05):
                     await trio.lowlevel.wait_readable(tracker.uffd)
+                if self.delegated_now:
+                    continue  # delegation began while we waited: the coordinator reads now
                 try:
                     tracker.backlog.extend(K.read_events(tracker.uffd))
                 except KernelError:
@@ -466,19 +353,14 @@ class Agent:
             self.log.seen(offset, monotonic_ns())  # duplicates (after a signal) go on too:
             await self._send(Fault(offset, event.tid, self.log.pending[offset]))  # idempotent
         elif isinstance(event, K.Fork):
-            child = Tracker(event.uffd, None, tracker.object_id, tracker.page_size,
-                            list(tracker.mappings), list(tracker.registered), tracker.protected,
-                            registered_since=boot_ticks())
-            self.add(child)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._find_child, tracker, child)
+            self._adopt_child(tracker, event.uffd)
         elif isinstance(event, K.Remap):
             tracker.remapped(event)
         elif isinstance(event, K.Unmap):
             tracker.unmapped(event.start, event.end)
         elif isinstance(event, K.Remove):
             ranges = [(tracker.offset_of(a) or 0, n) for a, n in
-                      _page_spans(event.start, event.end, tracker)]
+                      tracker.spans_of(event.start, event.end)]
             if ranges:
                 await self._send(Removed(tuple(ranges)))
 
@@ -531,22 +413,6 @@ class Agent:
 
 
 CHILD_SEARCH_S = 2.0
-
-
-def _page_spans(start: int, end: int, tracker: Tracker) -> list[tuple[int, int]]:
-    """(address, length) pieces of [start, end) that map the object, page-aligned."""
-    out = []
-    for m in tracker.mappings:
-        lo, hi = max(start, m.start), min(end, m.end)
-        if lo < hi:
-            lo -= (lo - m.start) % tracker.page_size
-            out.append((lo, hi - lo + (-(hi - lo)) % tracker.page_size))
-    return out
-
-
-def boot_ticks() -> int:
-    """Now, in the clock ticks since boot that /proc/PID/stat start times use."""
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
 def _new_child(parent: int, known: set[int | None], since: int) -> int | None:

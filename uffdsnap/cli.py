@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("uffdsnap.commands.info", "show what an image's manifest records"),
     "restore": ("uffdsnap.commands.restore", "write an image's bytes back to a file or object"),
     "demo": ("uffdsnap.commands.demo", "snapshot an embedded multi-process workload, end to end"),
+    "bench": ("uffdsnap.commands.bench", "measure snapshots against the baselines"),
 }
 
 

@@ -28,12 +28,16 @@ from uffdsnap.attacher import Attacher
 from uffdsnap.channel import Channel, PeerClosed
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.image import ImageWriter, extent_checksum
+from uffdsnap.kernel import uffd as K
+from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.pidfd import pidfd_open, process_alive
-from uffdsnap.kernel.procmaps import SharedObject, find_mappers
+from uffdsnap.kernel.procmaps import Mapping, SharedObject, find_mappers
 from uffdsnap.protocol import (
     MAX_RANGES,
     PROTOCOL_VERSION,
     Abort,
+    Delegate,
+    Event,
     Fault,
     Gone,
     Hello,
@@ -51,6 +55,7 @@ from uffdsnap.protocol import (
     Welcome,
 )
 from uffdsnap.stats import LatencyHistogram
+from uffdsnap.tracker import GONE, Tracker
 
 CHUNK_BYTES = 1 << 20
 OUTBOX_DEPTH = 256
@@ -82,6 +87,7 @@ class Peer:
     release_stats: Released | None = None
     send_error: str = ""
     children: tuple[int, ...] = ()  # descendants it tracks (forked while protected)
+    delegated: list[Tracker] = field(default_factory=list)  # our copies of its uffds
 
     @property
     def pids(self) -> set[int]:
@@ -118,6 +124,7 @@ class Run:
     bytes_scanned: int = 0
     held_wait_max_ns: int = 0
     protect_started_ns: int = 0
+    delegated_service: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def __post_init__(self) -> None:
         self.saved = bytearray(self.npages)
@@ -132,7 +139,7 @@ class Coordinator:
     """Serves agent and client connections for one object and takes snapshots on request."""
 
     def __init__(self, obj: SharedObject, *, protect_timeout: float = 30.0,
-                 attach_path: str | None = None,
+                 attach_path: str | None = None, delegate: bool = False,
                  chunk_bytes: int = CHUNK_BYTES,
                  on_progress: Callable[[int, int], None] | None = None,
                  test_hooks: dict[str, Any] | None = None):
@@ -152,6 +159,10 @@ class Coordinator:
         # With attach_path (this coordinator's own socket), every writable mapper without an
         # agent gets an attach agent at each snapshot, for the duration of that snapshot.
         self.attacher = Attacher(attach_path) if attach_path else None
+        # Delegated mode: agents hand us copies of their uffds while protected; we read their
+        # faults and un-protect directly, with no message round trips.
+        self.delegate = delegate
+        self._next_child_ident = 1 << 32
         self._nursery: trio.Nursery | None = None
         # Test hooks (never set in normal use): deliberately wrong behaviours that prove the
         # checker catches them, and pauses at a phase so tests can kill a process there.
@@ -178,7 +189,7 @@ class Coordinator:
             assert isinstance(hello, Hello)  # the state machine admits nothing else first
             await chan.send(Welcome(PROTOCOL_VERSION, self.obj.size, self.page_size,
                                     self.obj.object_id.major, self.obj.object_id.minor,
-                                    self.obj.object_id.inode))
+                                    self.obj.object_id.inode, self.delegate))
             if hello.role == Role.CLIENT.value:
                 await self._serve_client(chan)
             else:
@@ -226,16 +237,18 @@ class Coordinator:
             self._lost(peer, f"agent for pid {peer.pid} ({peer.comm}) lost: {peer.send_error}"
                        if peer.send_error else "")
         finally:
+            self._close_delegated(peer)
             os.close(pidfd)
 
     async def _send_loop(self, peer: Peer, outbox: trio.MemoryReceiveChannel[Any],
                          scope: trio.CancelScope) -> None:
         async with outbox:
-            async for msg in outbox:
+            async for item in outbox:
+                msg, fds = item if isinstance(item, tuple) else (item, ())
                 if isinstance(msg, Unprotect) and not _unprotectable(peer):
                     continue  # released meanwhile: nothing is protected there any more
                 try:
-                    await peer.chan.send(msg)
+                    await peer.chan.send(msg, fds)
                 except (PeerClosed, ProtocolError, OSError, trio.ClosedResourceError) as e:
                     peer.send_error = f"sending {msg.TYPE}: {e}"
                     scope.cancel()
@@ -319,6 +332,8 @@ class Coordinator:
             elif isinstance(msg, Released):
                 peer.release_stats = msg
                 peer.released.set()
+            elif isinstance(msg, Delegate):
+                self._take_delegate(peer, msg, peer.chan.take_fd())
             elif isinstance(msg, Tracked):
                 peer.children = tuple(p for p in msg.pids if p != peer.pid)
                 self._changed()
@@ -383,8 +398,113 @@ class Coordinator:
             pass
 
     def _queue_unprotect(self, offset: int, length: int) -> None:
+        """Un-protect a saved range everywhere: at once through the uffds delegated to us, by
+        message (batched) for the other agents."""
+        for peer in self.peers:
+            for tracker in list(peer.delegated):
+                self._unprotect_delegated(peer, tracker, offset, length)
         self._pending_unprotect.append((offset, length))
         self._unprotect_ready.set()
+
+    # ---- delegated mode ----------------------------------------------------------------------
+
+    def _take_delegate(self, peer: Peer, msg: Delegate, uffd: int) -> None:
+        """Keep a copy of one of the agent's uffds and start reading it."""
+        maps = [Mapping(a, a + n, "rw-s", off, self.obj.object_id, "")
+                for a, n, off in msg.mappings]
+        tracker = Tracker(uffd, msg.pid or None, self.obj.object_id, self.page_size, maps,
+                          [(m.start, m.end) for m in maps], True, ident=msg.tracker)
+        self._adopt_delegated(peer, tracker)
+
+    def _adopt_delegated(self, peer: Peer, tracker: Tracker) -> None:
+        peer.delegated.append(tracker)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._read_delegated, peer, tracker)
+
+    def _close_delegated(self, peer: Peer) -> None:
+        """Drop our copies of the peer's uffds. If the agent is gone, ours were the last
+        references: closing them releases its processes."""
+        for tracker in peer.delegated:
+            trio.lowlevel.notify_closing(tracker.uffd)
+            tracker.close()
+        peer.delegated.clear()
+
+    def _unprotect_delegated(self, peer: Peer, tracker: Tracker, offset: int,
+                             length: int) -> None:
+        try:
+            tracker.unprotect(offset, length)
+        except KernelError as e:
+            if e.errno not in GONE:
+                raise
+            peer.delegated.remove(tracker)  # its process exited or exec'd
+            trio.lowlevel.notify_closing(tracker.uffd)
+            tracker.close()
+
+    async def _read_delegated(self, peer: Peer, tracker: Tracker) -> None:
+        try:
+            while tracker in peer.delegated:
+                if not tracker.backlog:
+                    await trio.lowlevel.wait_readable(tracker.uffd)
+                    if tracker not in peer.delegated:
+                        return
+                    tracker.backlog.extend(K.read_events(tracker.uffd))
+                while tracker.backlog and tracker in peer.delegated:
+                    self._delegated_event(peer, tracker, tracker.backlog.popleft())
+        except (trio.ClosedResourceError, KernelError):
+            return
+
+    def _delegated_event(self, peer: Peer, tracker: Tracker, event: K.UffdEvent) -> None:
+        if isinstance(event, K.PageFault):
+            self._delegated_fault(peer, tracker, event)
+        elif isinstance(event, K.Fork):
+            child = Tracker(event.uffd, None, tracker.object_id, tracker.page_size,
+                            list(tracker.mappings), list(tracker.registered), tracker.protected,
+                            ident=self._next_child_ident)
+            self._next_child_ident += 1
+            self._adopt_delegated(peer, child)
+            self._forward(peer, Event(tracker.ident, "fork", child=child.ident), [child.uffd])
+        elif isinstance(event, K.Remap):
+            tracker.remapped(event)
+            self._forward(peer, Event(tracker.ident, "remap", event.old_address,
+                                      event.new_address, event.length))
+        elif isinstance(event, K.Unmap):
+            tracker.unmapped(event.start, event.end)
+            self._forward(peer, Event(tracker.ident, "unmap", event.start, event.end))
+        elif isinstance(event, K.Remove) and self.run is not None:
+            spans = [(tracker.offset_of(a), n) for a, n in tracker.spans_of(event.start,
+                                                                            event.end)]
+            self._on_removed(self.run, Removed(tuple((o, n) for o, n in spans
+                                                     if o is not None)))
+
+    def _forward(self, peer: Peer, msg: Event, fds: list[int] | None = None) -> None:
+        try:
+            peer.outbox.send_nowait((msg, fds or []))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            if self.run is not None:
+                self.run.fail(f"agent for pid {peer.pid} fell behind on events")
+
+    def _delegated_fault(self, peer: Peer, tracker: Tracker, fault: K.PageFault) -> None:
+        seen = monotonic_ns()
+        offset = tracker.offset_of(fault.address)
+        if offset is None:  # not the object (moved away under us): never leave it waiting
+            page = fault.address - fault.address % tracker.page_size
+            tracker._call(K.wake, tracker.uffd, page, tracker.page_size)
+            return
+        run = self.run
+        if run is None or run.phase in ("releasing", "joining"):
+            self._unprotect_delegated(peer, tracker, offset, self.page_size)
+            return
+        run.faults += 1
+        if run.phase == "protecting":
+            run.held.append((peer, offset, seen))
+            return
+        page = offset // self.page_size
+        if run.saved[page]:
+            run.duplicate_faults += 1
+            self._unprotect_delegated(peer, tracker, offset, self.page_size)
+        else:
+            self._save_page(run, page)
+        run.delegated_service.record(monotonic_ns() - seen)
 
     async def _broadcast_unprotects(self) -> None:
         """Send queued un-protects to every agent, coalesced into as few messages as possible."""
@@ -395,7 +515,7 @@ class Coordinator:
             for start in range(0, len(ranges), MAX_RANGES):
                 msg = Unprotect(tuple(ranges[start:start + MAX_RANGES]))
                 for peer in list(self.peers):
-                    if _unprotectable(peer):
+                    if _unprotectable(peer) and not peer.delegated:
                         await self._post(peer, msg)
 
     # ---- the snapshot ----------------------------------------------------------------------
@@ -554,10 +674,12 @@ class Coordinator:
     async def _copy(self, run: Run) -> None:
         """Held faults first, then every remaining page in large chunks."""
         now = monotonic_ns()
-        for _peer, offset, seen_ns in run.held:
+        for peer, offset, seen_ns in run.held:
             run.held_wait_max_ns = max(run.held_wait_max_ns, now - seen_ns)
             if not run.saved[offset // self.page_size]:
                 self._save_page(run, offset // self.page_size)
+            if peer.delegated:
+                run.delegated_service.record(monotonic_ns() - seen_ns)
         run.held.clear()
         for start, length, is_data in data_extents(self.obj.fd, self.obj.size, self.page_size):
             if not is_data:
@@ -611,6 +733,8 @@ class Coordinator:
 
     async def _release_all(self, run: Run) -> None:
         run.phase = "releasing"
+        for peer in self.peers:
+            self._close_delegated(peer)  # before the agents read their uffds again
         for peer in run.peers:
             if peer.chan.conn.state.value in ("protecting", "active"):
                 try:
@@ -630,12 +754,14 @@ class Coordinator:
     def _summary(self, run: Run, t_start: int, t_mono: int, t_wall: int,
                  t_copied: int) -> dict[str, Any]:
         hist = LatencyHistogram()
+        hist.merge(run.delegated_service.buckets(), run.delegated_service.max_ns)
         for peer in run.peers:
             if peer.release_stats is not None:
                 hist.merge(peer.release_stats.service_hist, peer.release_stats.service_max_ns)
         copy_s = max(t_copied - t_mono, 1) / 1e9
         return {
             "ok": True,
+            "mode": "delegated" if self.delegate else "agents",
             "snapshot_time_unix_ns": t_wall,
             "snapshot_time": datetime.fromtimestamp(t_wall / 1e9, UTC).isoformat(),
             "object_size": self.obj.size,

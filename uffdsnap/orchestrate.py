@@ -26,7 +26,7 @@ async def listen(path: str) -> trio.socket.SocketType:
 
 
 async def attach_and_snapshot(obj: SharedObject, output: str, *, overwrite: bool = False,
-                              timeout: float = 30.0,
+                              timeout: float = 30.0, delegate: bool = False,
                               on_progress: Callable[[int, int], None] | None = None,
                               test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Attach to every writable mapper of `obj` and take one snapshot into `output`."""
@@ -34,7 +34,8 @@ async def attach_and_snapshot(obj: SharedObject, output: str, *, overwrite: bool
         path = os.path.join(tmp, "coordinator.sock")
         listener = await listen(path)
         coordinator = Coordinator(obj, protect_timeout=timeout, attach_path=path,
-                                  on_progress=on_progress, test_hooks=test_hooks)
+                                  delegate=delegate, on_progress=on_progress,
+                                  test_hooks=test_hooks)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.serve, listener)

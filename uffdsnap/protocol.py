@@ -148,6 +148,36 @@ class Released(Message):
 
 
 @dataclass(frozen=True)
+class Delegate(Message):
+    """Delegated mode: here is (with this message, SCM_RIGHTS) a copy of the uffd of tracked
+    process `pid` (0 if not yet known), which the agent calls `tracker`. The coordinator reads
+    its faults and un-protects through it directly until `release`."""
+
+    TYPE = "delegate"
+    KINDS = {"tracker": "u", "pid": "u", "mappings": "maps"}
+    fds = 1
+    tracker: int
+    pid: int = 0
+    mappings: tuple[tuple[int, int, int], ...] = ()  # (address, length, offset)
+
+
+@dataclass(frozen=True)
+class Event(Message):
+    """Delegated mode: a uffd event the coordinator read for the agent's `tracker`. `kind` is
+    "fork" (the child's uffd travels with the message; the agent calls it `child`), "remap"
+    (a=old address, b=new address, c=length) or "unmap" (a=start, b=end)."""
+
+    TYPE = "event"
+    KINDS = {"tracker": "u", "kind": "s", "a": "u", "b": "u", "c": "u", "child": "u"}
+    tracker: int
+    kind: str
+    a: int = 0
+    b: int = 0
+    c: int = 0
+    child: int = 0
+
+
+@dataclass(frozen=True)
 class Tracked(Message):
     """Every process the agent now tracks: its own, plus descendants forked while protected
     (their uffds arrive with the fork event). Sent whenever the set changes."""
@@ -207,7 +237,7 @@ class Result(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, Welcome, Protect, Protected, Fault, Unprotect, Release, Released,
-                        Tracked, Removed, Gone, Abort, Snap, Result)
+                        Delegate, Event, Tracked, Removed, Gone, Abort, Snap, Result)
 }
 
 # ---- states ---------------------------------------------------------------------------------
@@ -237,11 +267,21 @@ TRANSITIONS: dict[tuple[Role, str, State], State] = {
     (_A, "fault", _S.PROTECTING): _S.PROTECTING,
     (_A, "fault", _S.ACTIVE): _S.ACTIVE,
     (_A, "fault", _S.RELEASING): _S.RELEASING,
+    (_A, "delegate", _S.PROTECTING): _S.PROTECTING,
+    (_C, "event", _S.PROTECTING): _S.PROTECTING,
+    (_C, "event", _S.ACTIVE): _S.ACTIVE,
+    (_C, "event", _S.RELEASING): _S.RELEASING,
     (_A, "removed", _S.PROTECTING): _S.PROTECTING,
     (_A, "removed", _S.ACTIVE): _S.ACTIVE,
     (_A, "removed", _S.RELEASING): _S.RELEASING,
     (_C, "unprotect", _S.ACTIVE): _S.ACTIVE,
     (_C, "unprotect", _S.RELEASING): _S.RELEASING,
+    # Crossings: an unprotect or event the coordinator sent before it saw `released`, and a
+    # fault the agent read just after, arrive in IDLE; they are stale and harmless there
+    # (release already un-protected and woke everything).
+    (_C, "unprotect", _S.IDLE): _S.IDLE,
+    (_C, "event", _S.IDLE): _S.IDLE,
+    (_A, "fault", _S.IDLE): _S.IDLE,
     (_C, "release", _S.PROTECTING): _S.RELEASING,
     (_C, "release", _S.ACTIVE): _S.RELEASING,
     (_A, "released", _S.RELEASING): _S.IDLE,
@@ -337,9 +377,14 @@ def check_geometry(msg: Message, geo: ObjectGeometry | None) -> None:
     elif isinstance(msg, Unprotect | Removed):
         for off, length in msg.ranges:
             _check_span("unprotect range", off, length, geo)
-    elif isinstance(msg, Protected):
-        for _addr, length, off in msg.mappings:
-            _check_span("mapping", off, length, geo)
+    elif isinstance(msg, Protected | Delegate):
+        for addr, length, off in msg.mappings:
+            # a mapping may reach past the object's end (those pages would SIGBUS): only its
+            # start must lie inside the object
+            if addr % geo.page_size or off % geo.page_size or length % geo.page_size \
+                    or off >= geo.size:
+                raise RemoteProtocolError(f"mapping at offset {off:#x} (+{length:#x}) is not "
+                                          "page-aligned inside the object")
 
 
 def decode(payload: bytes, error: type[ProtocolError] = RemoteProtocolError) -> Message:

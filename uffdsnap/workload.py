@@ -487,7 +487,13 @@ class WriterProcess:
         self.ready_line = line.strip()
 
     def wait(self, timeout: float = 30.0) -> int:
-        """Wait for the writer to exit (after set_stop or --max-ops); return its final seq."""
+        """Wait for the writer to exit (after set_stop or --max-ops); return its final seq
+        (of its last writer, for a process running several: see wait_all())."""
+        return list(self.wait_all(timeout).values())[-1]
+
+    def wait_all(self, timeout: float = 30.0) -> dict[int, int]:
+        """Wait for the process to exit; return {writer index: final seq} from its "done" lines
+        (one per writer: `done seq=S ...`, or `done index=I seq=S ...` when it runs several)."""
         try:
             out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -498,8 +504,11 @@ class WriterProcess:
         if self.proc.returncode != 0 or not done:
             raise WorkloadError(f"{self.impl} writer {self.index} failed (exit "
                                 f"{self.proc.returncode}): {err.strip() or out.strip()}")
-        fields = dict(f.split("=", 1) for f in done[-1].split()[1:])
-        return int(fields["seq"])
+        finals: dict[int, int] = {}
+        for line in done:
+            fields = dict(f.split("=", 1) for f in line.split()[1:])
+            finals[int(fields.get("index", self.index))] = int(fields["seq"])
+        return finals
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -510,9 +519,10 @@ class WriterProcess:
 def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
                    rate: float | None = None, max_ops: int | None = None,
                    map_twice: bool = False, partial: bool = False,
-                   enlist: str | None = None) -> list[str]:
+                   enlist: str | None = None, threads: int = 1) -> list[str]:
     """argv of a writer process: the native helper (impl="c") or this module (impl="python");
-    `enlist` (Python only) is a coordinator socket the writer enlists with before it starts."""
+    `enlist` (Python only) is a coordinator socket the writer enlists with before it starts;
+    `threads` (native only) runs writers index..index+threads-1, one per thread."""
     if impl == "c":
         from uffdsnap import native
         argv = [str(native.build("writer"))]
@@ -533,15 +543,20 @@ def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
         if impl != "python":
             raise ValueError("only the Python writer enlists; native writers are attached")
         argv += ["--enlist", enlist]
+    if threads != 1:
+        if impl != "c":
+            raise ValueError("only the native writer runs several writer threads")
+        argv += ["--threads", str(threads)]
     return argv
 
 
 def spawn_writer(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
                  rate: float | None = None, max_ops: int | None = None, map_twice: bool = False,
-                 partial: bool = False, enlist: str | None = None) -> WriterProcess:
+                 partial: bool = False, enlist: str | None = None,
+                 threads: int = 1) -> WriterProcess:
     """Start a writer process on the object at path `obj`; wait_ready() before relying on it."""
     argv = writer_command(obj, index, impl=impl, rate=rate, max_ops=max_ops,
-                          map_twice=map_twice, partial=partial, enlist=enlist)
+                          map_twice=map_twice, partial=partial, enlist=enlist, threads=threads)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     return WriterProcess(proc, index, impl)

@@ -9,6 +9,7 @@ import signal
 
 import trio
 
+from uffdsnap.commands.snapshot import add_mode_argument
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import UserError
 from uffdsnap.kernel.procmaps import ObjectError, open_object
@@ -22,6 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Unix socket path for agents and clients")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="limit for the protect phase of each snapshot (default 30)")
+    add_mode_argument(parser)
     parser.add_argument("--attach", action="store_true",
                         help="at each snapshot, attach an agent (ptrace) to every process that "
                              "maps the object writable and has not enlisted")
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if os.path.exists(path):
         raise UserError(f"{args.listen} exists (another coordinator, or a stale socket?)")
     coordinator = Coordinator(obj, protect_timeout=args.timeout,
-                              attach_path=path if args.attach else None)
+                              attach_path=path if args.attach else None,
+                              delegate=args.mode == "delegated")
     try:
         trio.run(_serve, coordinator, path)
     finally:

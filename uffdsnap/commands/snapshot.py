@@ -29,6 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="limit for joining and protecting, in seconds (default 30)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_mode_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         else None
     if args.shm:
         summary = _local(args.shm, output, args, progress)
+    elif args.mode != "agents":
+        raise UserError("--mode is the coordinator's setting: pass it to `uffdsnap coordinator`")
     else:
         summary = trio.run(_remote, args.coordinator, output, args.force)
     if progress:
@@ -61,7 +64,9 @@ def _local(spec: str, output: str, args: argparse.Namespace, progress: Any) -> d
         raise UserError(str(e)) from None
     try:
         return trio.run(lambda: attach_and_snapshot(obj, output, overwrite=args.force,
-                                                    timeout=args.timeout, on_progress=progress))
+                                                    timeout=args.timeout,
+                                                    delegate=args.mode == "delegated",
+                                                    on_progress=progress))
     finally:
         obj.close()
 
@@ -86,6 +91,15 @@ async def _remote(path: str, output: str, overwrite: bool) -> dict[str, Any]:
     if not result.ok:
         raise SnapshotFailed(result.reason)
     return dict(result.summary)
+
+
+def add_mode_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mode", choices=("agents", "delegated"), default="agents",
+        help="agents (default): agents read faults and un-protect on the coordinator's word; "
+             "delegated: agents hand their uffds to the coordinator, which serves faults "
+             "directly (faster; a uffd is a capability over its whole process, see "
+             "docs/overview.md)")
 
 
 class _Progress:

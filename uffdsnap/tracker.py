@@ -1,0 +1,204 @@
+"""One process's userfaultfd and its mappings of the object: register, protect, translate
+offsets ⇄ addresses, follow mremap/munmap, un-protect, release.
+
+Used by the agent for the processes it tracks, and by the coordinator in delegated mode, where it
+holds a copy of each uffd and un-protects directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from uffdsnap.kernel import uffd as K
+from uffdsnap.kernel._libc import KernelError
+from uffdsnap.kernel.procmaps import Mapping, ObjectId, mappings_of
+
+
+def boot_ticks() -> int:
+    """Now, in the clock ticks since boot that /proc/PID/stat start times use."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+
+# errnos with which a uffd ioctl says its creator's address space is gone (exit or exec):
+# REGISTER/UNREGISTER report ENOMEM, the others ESRCH.
+GONE = (errno.ESRCH, errno.ENOMEM)
+EAGAIN_RETRIES = 2000
+
+
+@dataclass(eq=False)
+class Tracker:
+    """The uffd of one process and its mappings of the object: protect, translate, release.
+
+    `pid` is None for a child forked during a snapshot until we have found it in /proc; its
+    mappings are then the parent's at the fork (the kernel copied them, registered and
+    write-protected, into the child).
+    """
+
+    uffd: int
+    pid: int | None
+    object_id: ObjectId
+    page_size: int
+    mappings: list[Mapping] = field(default_factory=list)
+    registered: list[tuple[int, int]] = field(default_factory=list)  # (start, end)
+    protected: bool = False
+    backlog: deque[K.UffdEvent] = field(default_factory=deque)
+    pidfd: int = -1
+    # Clock ticks since boot (the unit of /proc/PID/stat start times) when this process was
+    # first registered: only children started since then can arrive with a fork event.
+    registered_since: int = 0
+    ident: int = 0  # the agent's name for it on the wire (delegated mode)
+
+    def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Run one uffd ioctl; while a fork/remap/remove event is pending the kernel answers
+        EAGAIN: read the pending events (kept in `backlog` for the reader) and retry."""
+        for _ in range(EAGAIN_RETRIES):
+            try:
+                fn(*args, **kwargs)
+                return
+            except KernelError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+            events = K.read_events(self.uffd)
+            self.backlog.extend(events)
+            if not events:
+                time.sleep(0.0001)
+        raise KernelError("uffd ioctl", errno.EAGAIN, f"uffd={self.uffd}",
+                          "an event stayed pending; the process is changing its mappings")
+
+    def refresh(self) -> None:
+        """Re-read this process's mappings of the object (once we know its pid)."""
+        if self.pid is not None:
+            self.mappings = mappings_of(self.pid, self.object_id)
+
+    def protect(self) -> list[Mapping]:
+        """Register and write-protect every shared mapping of the object in the process."""
+        self.refresh()
+        self.protected = True
+        if not self.registered:
+            self.registered_since = boot_ticks()
+        for m in self.mappings:
+            self._call(K.register, self.uffd, m.start, m.length, K.REGISTER_MODE_WP)
+            self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
+        self.registered = [(m.start, m.end) for m in self.mappings]
+        return self.mappings
+
+    def remapped(self, event: K.Remap) -> None:
+        """mremap moved [old, old+len) to new: the kernel moved the registration and the
+        protected PTEs with it. Follow it, and protect any part that is new (a grown mapping)."""
+        delta = event.new_address - event.old_address
+        lo, hi = event.old_address, event.old_address + event.length
+
+        def moved(a: int, b: int) -> tuple[int, int]:
+            return (a + delta, b + delta) if lo <= a and b <= hi else (a, b)
+
+        self.registered = [moved(a, b) for a, b in self.registered]
+        self.mappings = [replace(m, start=moved(m.start, m.end)[0], end=moved(m.start, m.end)[1])
+                         for m in self.mappings]
+        self._adopt()
+
+    def unmapped(self, start: int, end: int) -> None:
+        """[start, end) was unmapped: forget it."""
+        self.registered = _cut(self.registered, start, end)
+        self.mappings = [m for m in self.mappings if m.end <= start or m.start >= end] + [
+            replace(m, start=a, end=b, offset=m.offset + a - m.start)
+            for m in self.mappings if not (m.end <= start or m.start >= end)
+            for a, b in _cut([(m.start, m.end)], start, end)]
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """After the layout changed: re-read it if we can, and register (and, during a snapshot,
+        protect) whatever part of it is not covered by what we registered."""
+        self.refresh()
+        if not self.protected:
+            return
+        for m in self.mappings:
+            if not _covered(m.start, m.end, self.registered):
+                self._call(K.register, self.uffd, m.start, m.length, K.REGISTER_MODE_WP)
+                self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
+        self.registered = [(m.start, m.end) for m in self.mappings]
+
+    def offset_of(self, address: int) -> int | None:
+        """Page-aligned object offset of a faulting address, None if outside every mapping."""
+        for m in self.mappings:
+            off = m.offset_of(address)
+            if off is not None:
+                return off - off % self.page_size
+        return None
+
+    def spans_of(self, start: int, end: int) -> list[tuple[int, int]]:
+        """(address, length) pieces of addresses [start, end) that map the object, widened to
+        whole pages."""
+        out = []
+        for m in self.mappings:
+            lo, hi = max(start, m.start), min(end, m.end)
+            if lo < hi:
+                lo -= (lo - m.start) % self.page_size
+                out.append((lo, hi - lo + (-(hi - lo)) % self.page_size))
+        return out
+
+    def spans(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(address, length) of object range [offset, offset+length) in every mapping."""
+        end = offset + length
+        out = []
+        for m in self.mappings:
+            lo, hi = max(offset, m.offset), min(end, m.offset + m.length)
+            if lo < hi:
+                out.append((m.start + lo - m.offset, hi - lo))
+        return out
+
+    def unprotect(self, offset: int, length: int) -> None:
+        """Un-protect object range [offset, offset+length) in every mapping, waking waiters."""
+        for address, span in self.spans(offset, length):
+            self._call(K.writeprotect, self.uffd, address, span, protect=False)
+
+    def release(self) -> None:
+        """Un-protect and unregister everything registered; tolerate a process that is gone."""
+        self.protected = False
+        for start, end in self.registered:
+            for op in (K.writeprotect, K.unregister):
+                try:
+                    if op is K.writeprotect:
+                        self._call(K.writeprotect, self.uffd, start, end - start, protect=False)
+                    else:
+                        self._call(K.unregister, self.uffd, start, end - start)
+                except KernelError as e:
+                    if e.errno not in (*GONE, errno.EINVAL, errno.ENOENT):
+                        raise
+        self.registered = []
+
+    def close(self) -> None:
+        os.close(self.uffd)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _cut(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """`ranges` minus [start, end)."""
+    out = []
+    for a, b in ranges:
+        if b <= start or a >= end:
+            out.append((a, b))
+            continue
+        if a < start:
+            out.append((a, start))
+        if b > end:
+            out.append((end, b))
+    return out
+
+
+def _covered(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
+    """True if [start, end) lies inside the union of `ranges`."""
+    pos = start
+    for a, b in sorted(ranges):
+        if a <= pos < b:
+            pos = b
+        if pos >= end:
+            return True
+    return pos >= end
