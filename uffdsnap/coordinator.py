@@ -187,10 +187,8 @@ class Coordinator:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 hello = await chan.receive()
             assert isinstance(hello, Hello)  # the state machine admits nothing else first
-            await chan.send(Welcome(PROTOCOL_VERSION, self.obj.size, self.page_size,
-                                    self.obj.object_id.major, self.obj.object_id.minor,
-                                    self.obj.object_id.inode, self.delegate))
             if hello.role == Role.CLIENT.value:
+                await chan.send(self._welcome())
                 await self._serve_client(chan)
             else:
                 await self._serve_agent(chan, hello)
@@ -204,6 +202,11 @@ class Coordinator:
                     pass
         finally:
             chan.close()
+
+    def _welcome(self) -> Welcome:
+        oid = self.obj.object_id
+        return Welcome(PROTOCOL_VERSION, self.obj.size, self.page_size, oid.major, oid.minor,
+                       oid.inode, self.delegate)
 
     async def _serve_client(self, chan: Channel) -> None:
         while True:
@@ -225,10 +228,13 @@ class Coordinator:
             return
         outbox_send, outbox_recv = trio.open_memory_channel[Any](OUTBOX_DEPTH)
         peer = Peer(chan, hello.pid, hello.comm, hello.mode, pidfd, outbox_send)
+        # Join before the welcome goes out: an enlisting workload carries on as soon as its
+        # agent is welcomed, and a snapshot started then must already count it as tracked.
+        self._join(peer)
         try:
+            await chan.send(self._welcome())  # first; whatever _join queued follows it
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, peer, outbox_recv, nursery.cancel_scope)
-                self._join(peer)
                 await self._agent_messages(peer)
                 nursery.cancel_scope.cancel()
         except (PeerClosed, ProtocolError, OSError) as e:
