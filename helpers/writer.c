@@ -2,18 +2,22 @@
  * writer — the native writer of the consistency-checker workload (docs/workload.md).
  *
  * An ordinary program that knows nothing about uffdsnap: it maps a shared-memory object that
- * uffdsnap.workload.create_object() laid out, and loops over steps until the header's stop word is
- * set (or --max-ops steps are done). Step k of writer i:
- *   a) read every writer j's published seq into obs[j];
- *   b) fill data page p(k) = (k*A_i + B_i) mod D with stamp(i, k), one aligned u64 store at a
- *      time, front to back;
- *   c) write the counter page's observation entries (value, then step tag) front to back, then
- *      publish seq = k last (release store; x86 TSO keeps the order for other CPUs).
- * The layout and the A_i, B_i, stamp formulas must match uffdsnap/workload.py exactly.
+ * uffdsnap.workload.create_object() laid out, and loops over steps (workload.h) until the
+ * header's stop word is set (or --max-ops steps are done).
  *
  * Usage: writer --object PATH --index I [--rate OPS_PER_SEC] [--max-ops N] [--map-twice]
- *               [--partial]
- * Prints "ready pid=P index=I seq=S" (flushed) once mapped, and "done seq=S ops=N" at exit.
+ *               [--partial] [--threads T [--leader-exits]] [--readonly-view]
+ * With --threads T the process runs T writers, indexes I..I+T-1, one per thread (the main thread
+ * is writer I); --rate and --max-ops apply to each. Without --partial they share the process's
+ * mapping(s) of the object; with it each thread maps the pages it touches itself.
+ * With --leader-exits every writer gets a thread of its own and the main thread pthread_exit()s,
+ * as some programs do: the process lives on with a zombie thread-group leader, whose
+ * /proc/PID/maps reads empty. "ready" then waits until that is so.
+ * With --readonly-view the process also maps the whole object read-only through a second,
+ * O_RDONLY descriptor (a mapping that can never be written) and watches the stop word there too.
+ * Prints "ready pid=P index=I seq=S" (with " threads=T" if T > 1; flushed) once every thread has
+ * mapped the object, and at exit "done seq=S ops=N" (one thread) or "done index=I seq=S ops=N"
+ * per thread.
  * Exit status: 0 done, 1 runtime error, 2 usage error or an object that is not a workload.
  */
 #define _GNU_SOURCE
@@ -21,6 +25,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -31,24 +36,28 @@
 #include <time.h>
 #include <unistd.h>
 
-#define WL_MAGIC 0x4C5750414E534655ULL /* the bytes "UFSNAPWL", little-endian */
-#define WL_VERSION 1
-#define WL_STAMP_TAG 0xA5ULL
-#define WL_STEP_BITS 40
-#define WL_STEP_MAX ((1ULL << WL_STEP_BITS) - 1)
-#define WL_MAX_WRITERS 252
-#define WL_IMPL_C 1
+#include "workload.h"
 
-/* Header words (page 0). */
-enum { H_MAGIC, H_VERSION, H_NWRITERS, H_DATA_PAGES, H_PAGE_SIZE, H_STOP, H_WORDS };
-/* Counter page words; entry j is the pair (value, step) at C_OBS + 2j. */
-enum { C_SEQ = 0, C_IMPL = 1, C_PID = 2, C_OBS = 8 };
+#define MAX_THREADS 64
 
-struct view {
-    volatile uint64_t *hdr;
-    volatile uint64_t *ctr[WL_MAX_WRITERS];
-    volatile uint64_t *data; /* this writer's D data pages */
+struct thread {
+    pthread_t tid;
+    struct wl_writer w;
 };
+
+static struct {
+    int fd;
+    struct wl_layout lay;
+    int twice, partial, leader_exits, readonly_view;
+    volatile const uint64_t *ro; /* --readonly-view */
+    double rate;
+    uint64_t max_ops, index, nthreads;
+    volatile uint64_t *whole[2]; /* shared whole-object mappings (not with --partial) */
+    pthread_barrier_t ready;
+    pthread_t leader;
+    struct thread *first;
+    pthread_mutex_t out;
+} g = { .out = PTHREAD_MUTEX_INITIALIZER };
 
 static void die(int status, const char *fmt, ...)
 {
@@ -61,24 +70,9 @@ static void die(int status, const char *fmt, ...)
     exit(status);
 }
 
-static uint64_t multiplier(uint64_t i, uint64_t d)
+static volatile uint64_t *map_range(uint64_t off, uint64_t len)
 {
-    return ((((2 * i + 1) * 0x9E3779B97F4A7C15ULL) >> 32) | 1) & (d - 1);
-}
-
-static uint64_t addend(uint64_t i, uint64_t d)
-{
-    return (((i + 1) * 0xC2B2AE3D27D4EB4FULL) >> 32) & (d - 1);
-}
-
-static uint64_t stamp(uint64_t i, uint64_t k)
-{
-    return WL_STAMP_TAG << 56 | i << WL_STEP_BITS | k;
-}
-
-static volatile uint64_t *map_range(int fd, uint64_t off, uint64_t len)
-{
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)off);
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, g.fd, (off_t)off);
     if (p == MAP_FAILED)
         die(1, "mmap(offset=%" PRIu64 ", len=%" PRIu64 "): %s", off, len, strerror(errno));
     return p;
@@ -112,8 +106,86 @@ static void sleep_until_ns(uint64_t t)
 static void usage(void)
 {
     fputs("usage: writer --object PATH --index I [--rate OPS_PER_SEC] [--max-ops N]"
-          " [--map-twice] [--partial]\n", stderr);
+          " [--map-twice] [--partial] [--threads T [--leader-exits]] [--readonly-view]\n",
+          stderr);
     exit(2);
+}
+
+/* Writer `index`'s views: of the shared whole mappings, or (--partial) a mapping per page range
+ * it touches: header, every other writer's counter page, its own region. */
+static void setup_writer(struct wl_writer *w, uint64_t index)
+{
+    const struct wl_layout *lay = &g.lay;
+    const int nviews = g.twice ? 2 : 1;
+    for (int v = 0; v < nviews; v++) {
+        struct wl_view *view = &w->views[v];
+        if (!g.partial) {
+            wl_view_of_whole(view, g.whole[v], lay, index);
+            continue;
+        }
+        view->hdr = map_range(0, lay->page_size);
+        for (uint64_t j = 0; j < lay->nwriters; j++)
+            if (j != index)
+                view->ctr[j] = map_range(lay->page_size + j * lay->region, lay->page_size);
+        view->ctr[index] = map_range(lay->page_size + index * lay->region, lay->region);
+        view->data = view->ctr[index] + lay->page_size / 8;
+    }
+    wl_writer_init(w, lay, index, nviews, (uint64_t)getpid());
+}
+
+/* Step until stopped, --max-ops or the end of the step counter. */
+static void run_writer(struct wl_writer *w)
+{
+    const uint64_t start = now_ns();
+    while (!wl_stopped(w) && !(g.ro && g.ro[H_STOP])
+           && (g.max_ops == 0 || w->ops < g.max_ops)) {
+        if (g.rate > 0)
+            sleep_until_ns(start + (uint64_t)((double)w->ops * 1e9 / g.rate));
+        if (wl_step(w))
+            break;
+    }
+}
+
+/* --leader-exits: wait until the main thread has exited and /proc/self/maps (the leader's view)
+ * reads empty, so whoever reads "ready" sees the process as it will stay. */
+static void wait_for_leader_exit(void)
+{
+    pthread_join(g.leader, NULL);
+    for (int tries = 0; tries < 10000; tries++) {
+        char c;
+        int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd < 0 ? -1 : read(fd, &c, 1);
+        if (fd >= 0)
+            close(fd);
+        if (n == 0)
+            return;
+        usleep(1000);
+    }
+    die(1, "--leader-exits: /proc/self/maps still readable 10 s after the main thread exited");
+}
+
+static void *thread_main(void *arg)
+{
+    struct thread *t = arg;
+    if (t == g.first) {
+        if (g.leader_exits)
+            wait_for_leader_exit();
+        printf("ready pid=%d index=%" PRIu64 " seq=%" PRIu64, (int)getpid(), g.index, t->w.seq);
+        if (g.nthreads > 1)
+            printf(" threads=%" PRIu64, g.nthreads);
+        printf("\n");
+        fflush(stdout);
+    }
+    pthread_barrier_wait(&g.ready);
+    run_writer(&t->w);
+    if (g.leader_exits) { /* no main thread to report for us */
+        pthread_mutex_lock(&g.out);
+        printf("done index=%" PRIu64 " seq=%" PRIu64 " ops=%" PRIu64 "\n", t->w.index, t->w.seq,
+               t->w.ops);
+        fflush(stdout);
+        pthread_mutex_unlock(&g.out);
+    }
+    return NULL;
 }
 
 int main(int argc, char **argv)
@@ -125,25 +197,34 @@ int main(int argc, char **argv)
         { "max-ops", required_argument, NULL, 'm' },
         { "map-twice", no_argument, NULL, 't' },
         { "partial", no_argument, NULL, 'p' },
+        { "threads", required_argument, NULL, 'T' },
+        { "leader-exits", no_argument, NULL, 'L' },
+        { "readonly-view", no_argument, NULL, 'R' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     const char *path = NULL;
-    uint64_t index = UINT64_MAX, max_ops = 0;
-    double rate = 0;
-    int twice = 0, partial = 0, c;
+    uint64_t index = UINT64_MAX, nthreads = 1;
+    int c;
 
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
         case 'o': path = optarg; break;
         case 'i': index = parse_u64("--index", optarg); break;
-        case 'm': max_ops = parse_u64("--max-ops", optarg); break;
-        case 't': twice = 1; break;
-        case 'p': partial = 1; break;
+        case 'm': g.max_ops = parse_u64("--max-ops", optarg); break;
+        case 't': g.twice = 1; break;
+        case 'L': g.leader_exits = 1; break;
+        case 'R': g.readonly_view = 1; break;
+        case 'p': g.partial = 1; break;
+        case 'T':
+            nthreads = parse_u64("--threads", optarg);
+            if (nthreads < 1 || nthreads > MAX_THREADS)
+                die(2, "--threads: not in 1..%d: %s", MAX_THREADS, optarg);
+            break;
         case 'r': {
             char *end;
-            rate = strtod(optarg, &end);
-            if (end == optarg || *end || !(rate >= 0))
+            g.rate = strtod(optarg, &end);
+            if (end == optarg || *end || !(g.rate >= 0))
                 die(2, "--rate: not a non-negative number: %s", optarg);
             break;
         }
@@ -153,83 +234,62 @@ int main(int argc, char **argv)
     if (!path || index == UINT64_MAX || optind != argc)
         usage();
 
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0)
+    g.fd = open(path, O_RDWR | O_CLOEXEC);
+    if (g.fd < 0)
         die(2, "open %s: %s", path, strerror(errno));
     /* Read the header with pread (works for shmem and hugetlbfs alike), then map. */
     uint64_t h[H_WORDS];
-    if (pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h)
+    if (pread(g.fd, h, sizeof h, 0) != (ssize_t)sizeof h)
         die(2, "%s: cannot read the workload header", path);
-    const uint64_t n = h[H_NWRITERS], d = h[H_DATA_PAGES], ps = h[H_PAGE_SIZE];
-    if (h[H_MAGIC] != WL_MAGIC || h[H_VERSION] != WL_VERSION)
-        die(2, "%s: not a workload object (bad magic or version)", path);
-    if (n == 0 || n > WL_MAX_WRITERS || d == 0 || (d & (d - 1)) || ps < 4096 || (ps & (ps - 1))
-        || C_OBS + 2 * n > ps / 8)
+    const char *bad = wl_layout_from_header(&g.lay, h);
+    if (bad)
         die(2, "%s: bad header (nwriters=%" PRIu64 " data_pages=%" PRIu64 " page_size=%" PRIu64
-               ")", path, n, d, ps);
-    if (index >= n)
-        die(2, "--index %" PRIu64 " out of range: the object has %" PRIu64 " writers", index, n);
-    const uint64_t region = (1 + d) * ps, size = ps + n * region;
+               "): %s", path, h[H_NWRITERS], h[H_DATA_PAGES], h[H_PAGE_SIZE], bad);
+    if (index >= g.lay.nwriters || nthreads > g.lay.nwriters - index)
+        die(2, "--index %" PRIu64 " --threads %" PRIu64 " out of range: the object has %" PRIu64
+               " writers", index, nthreads, g.lay.nwriters);
     struct stat st;
-    if (fstat(fd, &st) || (uint64_t)st.st_size < size)
-        die(2, "%s: object is smaller than its header says (%" PRIu64 " bytes)", path, size);
-
-    /* One or two complete views of the object, each one whole mapping or (--partial) a mapping
-     * per page range this writer touches: header, every counter page, its own region. */
-    struct view views[2];
-    const int nviews = twice ? 2 : 1;
-    for (int v = 0; v < nviews; v++) {
-        struct view *w = &views[v];
-        volatile uint64_t *own;
-        if (partial) {
-            w->hdr = map_range(fd, 0, ps);
-            for (uint64_t j = 0; j < n; j++)
-                if (j != index)
-                    w->ctr[j] = map_range(fd, ps + j * region, ps);
-            own = map_range(fd, ps + index * region, region);
-        } else {
-            volatile uint64_t *all = map_range(fd, 0, size);
-            w->hdr = all;
-            for (uint64_t j = 0; j < n; j++)
-                w->ctr[j] = all + (ps + j * region) / 8;
-            own = all + (ps + index * region) / 8;
-        }
-        w->ctr[index] = own;
-        w->data = own + ps / 8;
+    if (fstat(g.fd, &st) || (uint64_t)st.st_size < g.lay.size)
+        die(2, "%s: object is smaller than its header says (%" PRIu64 " bytes)", path,
+            g.lay.size);
+    if (!g.partial)
+        for (int v = 0; v < (g.twice ? 2 : 1); v++)
+            g.whole[v] = map_range(0, g.lay.size);
+    if (g.readonly_view) {
+        int rfd = open(path, O_RDONLY | O_CLOEXEC);
+        void *p = rfd < 0 ? MAP_FAILED : mmap(NULL, g.lay.size, PROT_READ, MAP_SHARED, rfd, 0);
+        if (p == MAP_FAILED)
+            die(1, "--readonly-view: %s", strerror(errno));
+        close(rfd);
+        g.ro = p;
     }
-    close(fd);
 
-    const uint64_t a = multiplier(index, d), b = addend(index, d), words = ps / 8;
-    volatile uint64_t *mine = views[0].ctr[index];
-    uint64_t seq = mine[C_SEQ]; /* resume where a previous writer i left off */
-    uint64_t obs[WL_MAX_WRITERS];
-    mine[C_IMPL] = WL_IMPL_C;
-    mine[C_PID] = (uint64_t)getpid();
-    printf("ready pid=%d index=%" PRIu64 " seq=%" PRIu64 "\n", (int)getpid(), index, seq);
-    fflush(stdout);
-
-    const uint64_t start = now_ns();
-    uint64_t ops = 0;
-    while (!views[0].hdr[H_STOP] && (max_ops == 0 || ops < max_ops) && seq < WL_STEP_MAX) {
-        if (rate > 0)
-            sleep_until_ns(start + (uint64_t)((double)ops * 1e9 / rate));
-        const uint64_t k = seq + 1;
-        const struct view *w = &views[k % nviews];
-        for (uint64_t j = 0; j < n; j++) /* a) */
-            obs[j] = __atomic_load_n(&w->ctr[j][C_SEQ], __ATOMIC_ACQUIRE);
-        volatile uint64_t *page = w->data + ((k * a + b) & (d - 1)) * words; /* b) */
-        const uint64_t s = stamp(index, k);
-        for (uint64_t x = 0; x < words; x++)
-            page[x] = s;
-        volatile uint64_t *ctr = w->ctr[index]; /* c) */
-        for (uint64_t j = 0; j < n; j++) {
-            ctr[C_OBS + 2 * j] = obs[j];
-            ctr[C_OBS + 2 * j + 1] = k;
-        }
-        __atomic_store_n(&ctr[C_SEQ], k, __ATOMIC_RELEASE);
-        seq = k;
-        ops++;
+    static struct thread threads[MAX_THREADS];
+    for (uint64_t t = 0; t < nthreads; t++)
+        setup_writer(&threads[t].w, index + t);
+    close(g.fd);
+    g.index = index;
+    g.nthreads = nthreads;
+    g.first = &threads[0];
+    g.leader = pthread_self();
+    if (pthread_barrier_init(&g.ready, NULL, (unsigned)nthreads))
+        die(1, "pthread_barrier_init failed");
+    for (uint64_t t = g.leader_exits ? 0 : 1; t < nthreads; t++) {
+        int err = pthread_create(&threads[t].tid, NULL, thread_main, &threads[t]);
+        if (err)
+            die(1, "pthread_create: %s", strerror(err));
     }
-    printf("done seq=%" PRIu64 " ops=%" PRIu64 "\n", seq, ops);
+    if (g.leader_exits)
+        pthread_exit(NULL); /* the last writer thread to finish ends the process, status 0 */
+    thread_main(&threads[0]);
+    for (uint64_t t = 1; t < nthreads; t++)
+        pthread_join(threads[t].tid, NULL);
+
+    if (nthreads == 1)
+        printf("done seq=%" PRIu64 " ops=%" PRIu64 "\n", threads[0].w.seq, threads[0].w.ops);
+    else
+        for (uint64_t t = 0; t < nthreads; t++)
+            printf("done index=%" PRIu64 " seq=%" PRIu64 " ops=%" PRIu64 "\n",
+                   threads[t].w.index, threads[t].w.seq, threads[t].w.ops);
     return fflush(stdout) ? 1 : 0;
 }
