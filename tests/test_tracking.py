@@ -371,14 +371,6 @@ async def test_threaded_writers_repeated(shm_path: str, tmp_path: Path) -> None:
     assert sorted(finals) == list(range(7))  # every thread ran to the stop word
 
 
-ZOMBIE_LEADER_BUG = (
-    "a process whose main thread has exited (pthread_exit) while its other threads write is "
-    "invisible: /proc/PID/maps of a zombie thread-group leader reads empty, and "
-    "kernel/procmaps.read_maps (find_mappers, tracker.Tracker.refresh) reads only that file, "
-    "so the snapshot succeeds without it and the image is not one instant")
-
-
-@pytest.mark.xfail(strict=True, reason=ZOMBIE_LEADER_BUG)
 async def test_threads_outliving_their_main_thread(shm_path: str, tmp_path: Path) -> None:
     """A program whose main thread pthread_exit()s after starting its workers lives on with a
     zombie thread-group leader. Its writes must be tracked (or the snapshot refused, naming it):
@@ -429,14 +421,6 @@ async def test_multi_mapping_writers_repeated(shm_path: str, tmp_path: Path) -> 
     assert all(mappings[w.pid] >= 2 for w in writers), mappings
 
 
-READONLY_MAPPING_BUG = (
-    "the agent registers every shared mapping of the object, including one made from an "
-    "O_RDONLY descriptor (no VM_MAYWRITE): UFFDIO_REGISTER fails with EPERM, the agent aborts "
-    "and the snapshot fails, with a hint about privileges; such a mapping can never be written "
-    "and needs no tracking (tracker.Tracker.protect)")
-
-
-@pytest.mark.xfail(strict=True, reason=READONLY_MAPPING_BUG)
 async def test_writer_with_a_readonly_view(shm_path: str, tmp_path: Path) -> None:
     """A process that writes the object through one mapping and also maps it read-only through
     an O_RDONLY descriptor (a monitor view, say): the read-only mapping can never be written,

@@ -687,17 +687,14 @@ class Coordinator:
             if peer.delegated:
                 run.delegated_service.record(monotonic_ns() - seen_ns)
         run.held.clear()
-        for start, length, is_data in data_extents(self.obj.fd, self.obj.size, self.page_size):
-            if not is_data:
+        for start, length, is_data in copy_windows(self.obj.fd, self.obj.size,
+                                                   self.page_size, self.chunk_bytes):
+            if is_data:
+                await self._copy_chunk(run, start, length)
+            else:
                 self._claim_hole(run, start, length)
-                continue
-            pos = start
-            while pos < start + length:
-                end = min(start + length, (pos // self.chunk_bytes + 1) * self.chunk_bytes)
-                await self._copy_chunk(run, pos, end - pos)
-                pos = end
-                if self.on_progress:
-                    self.on_progress(pos, self.obj.size)
+            if self.on_progress:
+                self.on_progress(start + length, self.obj.size)
 
     def _claim_hole(self, run: Run, start: int, length: int) -> None:
         """A hole now was a hole at T (a page filled since then faulted and was saved): it is
@@ -894,9 +891,12 @@ def _unprotectable(peer: Peer) -> bool:
     return peer.chan.conn.state.value in ("active", "releasing")
 
 
-def data_extents(fd: int, size: int, page_size: int) -> Iterator[tuple[int, int, bool]]:
-    """(start, length, is_data) covering [0, size), page-aligned, from SEEK_DATA/SEEK_HOLE,
-    found lazily as the scan advances."""
+def copy_windows(fd: int, size: int, page_size: int,
+                 window: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, length, has_data) covering [0, size), found lazily as the scan advances: whole
+    `window`-aligned windows that hold any data (holes inside them read as zeros, which is what
+    they were at T), and runs of windows that are holes throughout (SEEK_DATA skips them).
+    Copying whole windows keeps a fragmented object as fast as a dense one."""
     pos = 0
     while pos < size:
         try:
@@ -905,15 +905,14 @@ def data_extents(fd: int, size: int, page_size: int) -> Iterator[tuple[int, int,
             if e.errno != errno.ENXIO:
                 raise
             data = size
-        data = min(size, data - data % page_size)
+        data = min(size, data - data % window)  # the window holding the next data
         if data > pos:
             yield (pos, data - pos, False)
         if data >= size:
             break
-        hole = min(size, os.lseek(fd, data, os.SEEK_HOLE))
-        hole = min(size, -(-hole // page_size) * page_size)
-        yield (data, hole - data, True)
-        pos = hole
+        end = min(size, data + window)
+        yield (data, end - data, True)
+        pos = end
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytearray:

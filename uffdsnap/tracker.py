@@ -53,6 +53,7 @@ class Tracker:
     # first registered: only children started since then can arrive with a fork event.
     registered_since: int = 0
     ident: int = 0  # the agent's name for it on the wire (delegated mode)
+    never_writable: set[tuple[int, int]] = field(default_factory=set)
 
     def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Run one uffd ioctl; while a fork/remap/remove event is pending the kernel answers
@@ -72,9 +73,11 @@ class Tracker:
                           "an event stayed pending; the process is changing its mappings")
 
     def refresh(self) -> None:
-        """Re-read this process's mappings of the object (once we know its pid)."""
+        """Re-read this process's mappings of the object (once we know its pid), leaving out
+        read-only mappings that can never become writable (see _register)."""
         if self.pid is not None:
-            self.mappings = mappings_of(self.pid, self.object_id)
+            self.mappings = [m for m in mappings_of(self.pid, self.object_id)
+                             if (m.start, m.end) not in self.never_writable]
 
     def protect(self) -> list[Mapping]:
         """Register and write-protect every shared mapping of the object in the process."""
@@ -82,11 +85,25 @@ class Tracker:
         self.protected = True
         if not self.registered:
             self.registered_since = boot_ticks()
-        for m in self.mappings:
-            self._call(K.register, self.uffd, m.start, m.length, K.REGISTER_MODE_WP)
-            self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
+        for m in list(self.mappings):
+            if self._register(m):
+                self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
         self.registered = [(m.start, m.end) for m in self.mappings]
         return self.mappings
+
+    def _register(self, m: Mapping) -> bool:
+        """Register one mapping. A read-only mapping of a file opened O_RDONLY lacks
+        VM_MAYWRITE: the kernel refuses it (EPERM), and no write can ever come through it, so it
+        is left out. Returns whether it is registered."""
+        try:
+            self._call(K.register, self.uffd, m.start, m.length, K.REGISTER_MODE_WP)
+            return True
+        except KernelError as e:
+            if e.errno != errno.EPERM or m.writable:
+                raise
+        self.never_writable.add((m.start, m.end))
+        self.mappings.remove(m)
+        return False
 
     def remapped(self, event: K.Remap) -> None:
         """mremap moved [old, old+len) to new: the kernel moved the registration and the
@@ -117,9 +134,8 @@ class Tracker:
         self.refresh()
         if not self.protected:
             return
-        for m in self.mappings:
-            if not _covered(m.start, m.end, self.registered):
-                self._call(K.register, self.uffd, m.start, m.length, K.REGISTER_MODE_WP)
+        for m in list(self.mappings):
+            if not _covered(m.start, m.end, self.registered) and self._register(m):
                 self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
         self.registered = [(m.start, m.end) for m in self.mappings]
 

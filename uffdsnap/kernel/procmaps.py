@@ -90,13 +90,35 @@ def parse_maps(text: str) -> list[Mapping]:
 
 
 def read_maps(pid: int) -> list[Mapping]:
-    """The mappings of process `pid`; ProcessLookupError if it is gone."""
+    """The mappings of process `pid`; ProcessLookupError if it is gone.
+
+    /proc/PID/maps of a process whose main thread has exited (a zombie thread-group leader)
+    reads empty while its other threads still run: then read a live thread's view.
+    """
     try:
         with open(f"/proc/{pid}/maps") as f:
             text = f.read()
     except FileNotFoundError:
         raise ProcessLookupError(pid) from None
+    if not text:
+        text = _live_thread_maps(pid)
     return parse_maps(text)
+
+
+def _live_thread_maps(pid: int) -> str:
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/maps") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if text:
+            return text
+    return ""
 
 
 def mappings_of(pid: int, obj: ObjectId) -> list[Mapping]:
