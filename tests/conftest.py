@@ -18,6 +18,18 @@ from uffdsnap.kernel.procmaps import open_object
 from uffdsnap.orchestrate import listen
 
 ROOT = os.geteuid() == 0
+# Every process the tests start directly: whatever a failing test leaves running is killed at
+# the end of the session (a writer whose object was unlinked would otherwise spin forever).
+SPAWNED: list[Any] = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kill_leftovers() -> Iterator[None]:
+    yield
+    for proc in SPAWNED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (userfaultfd on other processes, "
                                                  "ptrace attach); CI runs as root")
 
@@ -87,7 +99,9 @@ def start_writers(path: str, *, native: int = 4, enlisted: int = 0, enlist: str 
 def _spawn(path: str, index: int, impl: str, enlist: str | None, user: int | None,
            **kwargs: Any) -> wl.WriterProcess:
     if user is None:
-        return wl.spawn_writer(path, index, impl=impl, enlist=enlist, **kwargs)
+        writer = wl.spawn_writer(path, index, impl=impl, enlist=enlist, **kwargs)
+        SPAWNED.append(writer.proc)
+        return writer
     import shutil
     import subprocess
     import tempfile
@@ -103,6 +117,7 @@ def _spawn(path: str, index: int, impl: str, enlist: str | None, user: int | Non
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, user=user, group=user,
                             extra_groups=[])
+    SPAWNED.append(proc)
     return wl.WriterProcess(proc, index, impl)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_workload, needs_root, start_writers, stop_writers
+from conftest import SPAWNED, make_workload, needs_root, start_writers, stop_writers
 from procutil import (
     assert_nothing_published,
     assert_writers_resume,
@@ -25,13 +25,14 @@ from uffdsnap.image import verify
 pytestmark = needs_root
 
 
-def test_mapper_arriving_before_t_is_attached(shm_path: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+def test_mapper_arriving_before_t_is_attached(mode: str, shm_path: str, tmp_path: Path) -> None:
     """A process that maps the object while the others are being protected is found by the
     rescan before T, attached and protected: the snapshot covers it."""
     make_workload(shm_path, 4, data_pages=256)
     writers = start_writers(shm_path, native=3)
     out = str(tmp_path / "late.img")
-    proc = paused_snapshot(shm_path, out, "protecting")
+    proc = paused_snapshot(shm_path, out, "protecting", mode)
     try:
         late = start_writers(shm_path, native=1, first_index=3)
         writers += late
@@ -50,13 +51,15 @@ def test_mapper_arriving_before_t_is_attached(shm_path: str, tmp_path: Path) -> 
         stop_writers(shm_path, writers)
 
 
-def test_mapper_arriving_after_t_fails_the_snapshot(shm_path: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+def test_mapper_arriving_after_t_fails_the_snapshot(mode: str, shm_path: str,
+                                                    tmp_path: Path) -> None:
     """A process that maps the object after T could have written unsaved pages untracked: the
     snapshot fails, naming it, and publishes nothing; every writer carries on."""
     make_workload(shm_path, 4, data_pages=256)
     writers = start_writers(shm_path, native=3)
     out = str(tmp_path / "late.img")
-    proc = paused_snapshot(shm_path, out, "copying")
+    proc = paused_snapshot(shm_path, out, "copying", mode)
     try:
         late = start_writers(shm_path, native=1, first_index=3)
         writers += late
@@ -99,7 +102,9 @@ class Lifecycle:
                                       "--index", str(index), "--child-index",
                                       str(child_index)] + (["--supervisor"] if supervisor
                                                            else []),
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, text=True)
+        SPAWNED.append(self.proc)
         assert "ready" in wait_line(self.proc.stdout, "ready")
         self.children: list[int] = []
 
@@ -129,8 +134,8 @@ def test_fork_during_snapshot(phase: str, mode: str, shm_path: str, tmp_path: Pa
     parent's agent from its first write (its uffd arrives with the fork event), and the image
     is still one instant."""
     make_workload(shm_path, 3, data_pages=256)
-    plain = start_writers(shm_path, native=1, first_index=1)
     forker = Lifecycle(shm_path, 0, child_index=2, supervisor=phase == "protecting")
+    plain = start_writers(shm_path, native=1, first_index=1)
     out = str(tmp_path / "fork.img")
     try:
         proc = paused_snapshot(shm_path, out, phase, mode)
@@ -154,8 +159,8 @@ def test_mremap_during_snapshot(mode: str, shm_path: str, tmp_path: Path) -> Non
     """A writer moves its mapping with mremap() mid-copy: the agent follows the move (remap
     event) and keeps translating its faults; the image is one instant."""
     make_workload(shm_path, 2, data_pages=512)
-    plain = start_writers(shm_path, native=1, first_index=1)
     mover = Lifecycle(shm_path, 0, child_index=1)
+    plain = start_writers(shm_path, native=1, first_index=1)
     out = str(tmp_path / "remap.img")
     try:
         proc = paused_snapshot(shm_path, out, "copying", mode)

@@ -80,12 +80,13 @@ def test_agent_killed(phase: str, shm_path: str, writers: list[wl.WriterProcess]
     assert_nothing_published(out)
 
 
-@pytest.mark.parametrize("phase", ["protecting", "copying"])
-def test_writer_exit_does_not_fail_the_snapshot(phase: str, shm_path: str,
+@pytest.mark.parametrize("phase,mode", [("protecting", "agents"), ("copying", "agents"),
+                                        ("copying", "delegated")])
+def test_writer_exit_does_not_fail_the_snapshot(phase: str, mode: str, shm_path: str,
                                                 writers: list[wl.WriterProcess],
                                                 tmp_path: Path) -> None:
     out = str(tmp_path / "x.img")
-    proc = paused_snapshot(shm_path, out, phase)
+    proc = paused_snapshot(shm_path, out, phase, mode)
     victim = writers.pop(0)
     victim.kill()  # SIGKILL: the process is gone, its agent reports it and leaves
     stdout, stderr = proc.communicate(timeout=30)

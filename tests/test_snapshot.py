@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import make_workload, needs_root, running_coordinator, start_writers, stop_writers
+from conftest import (
+    SPAWNED,
+    make_workload,
+    needs_root,
+    running_coordinator,
+    start_writers,
+    stop_writers,
+)
 from uffdsnap import workload as wl
 from uffdsnap.image import load_manifest, manifest_path, verify
 
@@ -188,8 +195,10 @@ async def test_both_modes_give_the_same_bytes(shm_path: str, tmp_path: Path) -> 
     for w in start_writers(shm_path, native=4, max_ops=3000):
         assert w.proc.wait(timeout=60) == 0  # fill the object, then exit
     idle = [subprocess.Popen([str(native.build("lifecycle")), "--object", shm_path, "--index",
-                              str(i), "--supervisor"], stdout=subprocess.PIPE, text=True)
+                              str(i), "--supervisor"], stdout=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, text=True)
             for i in range(2)]
+    SPAWNED.extend(idle)
     try:
         for p in idle:
             assert p.stdout is not None and "ready" in p.stdout.readline()

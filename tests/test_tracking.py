@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import HUGE_PAGE, make_workload, needs_root, running_coordinator
+from conftest import HUGE_PAGE, SPAWNED, make_workload, needs_root, running_coordinator
 from uffdsnap import native
 from uffdsnap import workload as wl
 from uffdsnap.coordinator import Coordinator
@@ -53,6 +53,7 @@ def spawn(path: str, specs: list[tuple[int, dict[str, Any]]]) -> list[wl.WriterP
     try:
         for index, options in specs:
             writers.append(wl.spawn_writer(path, index, **options))
+            SPAWNED.append(writers[-1].proc)
         for w in writers:
             w.wait_ready()
     except BaseException:
@@ -98,10 +99,11 @@ async def check_image(obj: str, out: str, before: list[int]) -> wl.CheckResult:
     return result
 
 
-async def cli_snapshot(spec: str, out: str) -> dict[str, Any]:
-    """`uffdsnap snapshot --shm SPEC --json` in its own process; its summary."""
+async def cli_snapshot(spec: str, out: str, mode: str = "agents") -> dict[str, Any]:
+    """`uffdsnap snapshot --shm SPEC --json --mode MODE` in its own process; its summary."""
     proc = await trio.run_process(
-        [sys.executable, "-m", "uffdsnap", "snapshot", "--shm", spec, "-o", out, "--json"],
+        [sys.executable, "-m", "uffdsnap", "snapshot", "--shm", spec, "-o", out, "--json",
+         "--mode", mode],
         capture_stdout=True, capture_stderr=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
     summary: dict[str, Any] = json.loads(proc.stdout)
@@ -151,7 +153,9 @@ def hugetlb_memfd(hugepages: int) -> Iterator[str]:
 
 # --- 1. hugetlbfs-backed objects -------------------------------------------------------------
 
-async def test_hugetlb_memfd_snapshot_command(hugetlb_memfd: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+async def test_hugetlb_memfd_snapshot_command(mode: str, hugetlb_memfd: str,
+                                              tmp_path: Path) -> None:
     """A MFD_HUGETLB memfd reached through /proc/PID/fd/N: a native writer, a native writer with
     two partial sets of mappings and a Python writer (all attached) write 2 MiB pages during
     `uffdsnap snapshot`; the image is one instant, verifies, and records the 2 MiB page size
@@ -162,7 +166,7 @@ async def test_hugetlb_memfd_snapshot_command(hugetlb_memfd: str, tmp_path: Path
     out = str(tmp_path / "huge.img")
     try:
         before = wl.read_live_seqs(hugetlb_memfd)
-        summary = await cli_snapshot(hugetlb_memfd, out)
+        summary = await cli_snapshot(hugetlb_memfd, out, mode)
         result = await check_image(hugetlb_memfd, out, before)
     finally:
         stop(hugetlb_memfd, writers)
@@ -259,8 +263,9 @@ class Load:
             sock.close()
 
 
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
 @pytest.mark.parametrize("page_size", [4096, HUGE_PAGE], ids=["shmem", "hugetlb"])
-async def test_preforked_server_anon_shm(page_size: int, tmp_path: Path,
+async def test_preforked_server_anon_shm(page_size: int, mode: str, tmp_path: Path,
                                          request: pytest.FixtureRequest) -> None:
     """An unmodified pre-forking server keeps serving requests while `uffdsnap snapshot --shm
     /proc/PID/map_files/START-END` snapshots its MAP_SHARED|MAP_ANONYMOUS memory (plain shmem,
@@ -279,7 +284,7 @@ async def test_preforked_server_anon_shm(page_size: int, tmp_path: Path,
             for sock in load.conns:
                 nursery.start_soon(load.serve, sock)
             before = wl.read_live_seqs(server.spec)
-            summary = await cli_snapshot(server.spec, out)
+            summary = await cli_snapshot(server.spec, out, mode)
             load.stopping.set()
         for sock in load.conns:  # one more request each: every worker serves after the snapshot
             await load.request(sock)
@@ -356,14 +361,16 @@ async def test_holes_first_written_during_the_copy(kind: str, tmp_path: Path,
 
 # --- 3. multi-threaded writers ---------------------------------------------------------------
 
-async def test_threaded_writers_repeated(shm_path: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+async def test_threaded_writers_repeated(mode: str, shm_path: str, tmp_path: Path) -> None:
     """2 processes × 3 writer threads + 1 single-threaded writer, through 3 snapshots: the agent
     injects into one thread of each process, and faults from every thread are served."""
     make_workload(shm_path, 7, data_pages=512)
     writers = spawn(shm_path, [(0, {"rate": RATE, "threads": 3}),
                                (3, {"rate": RATE, "threads": 3}), (6, {"rate": RATE})])
     try:
-        async with running_coordinator(shm_path, tmp_path) as (coordinator, _sock):
+        async with running_coordinator(shm_path, tmp_path, delegate=mode == "delegated") as (
+                coordinator, _sock):
             faults = await repeated_snapshots(coordinator, shm_path, tmp_path, writers, 3)
         assert faults > 0  # threads did hit protected pages and were served
     finally:

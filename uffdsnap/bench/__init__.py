@@ -10,7 +10,18 @@ Layout: config (modes, targets, plan of sessions) -> procs (helper processes, ev
 -> plots (PNG, optional). snaprun is the process one of our snapshots runs in.
 """
 
+from typing import Any
+
 from uffdsnap.bench.config import MODES, BenchConfig
-from uffdsnap.bench.run import run_bench
 
 __all__ = ["MODES", "BenchConfig", "run_bench"]
+
+
+def __getattr__(name: str) -> Any:
+    # run_bench is imported on first use: `uffdsnap` builds every command's parser at start-up
+    # (every agent too), and the bench machinery has no business slowing that down.
+    if name == "run_bench":
+        from uffdsnap.bench.run import run_bench
+
+        return run_bench
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

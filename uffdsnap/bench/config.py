@@ -13,7 +13,7 @@ GiB = 1 << 30
 # one line here; every scenario then measures it beside the others.
 MODES: dict[str, dict[str, Any]] = {
     "agents": {},  # one agent process per mapper; faults and un-protects travel as messages
-    # "delegated": {"delegate": True},  # agents hand their uffd to the coordinator
+    "delegated": {"delegate": True},  # agents hand their uffds to the coordinator
 }
 
 # The targets from the issue. Fault-service p50 targets are per mode (x native handler p50).

@@ -31,6 +31,11 @@ def _label(name: str) -> str:
     return LABELS.get(name, f"uffdsnap ({name})")
 
 
+def _order(name: str) -> tuple[int, str]:
+    """Baselines first (stop-the-world, raw, native), then our modes."""
+    return ({"stw": 0, "raw": 1, "native": 2}.get(name, 3), name)
+
+
 def _color(name: str, i: int = 0) -> str:
     return COLORS.get(name, ["tab:orange", "tab:brown", "tab:olive"][i % 3])
 
@@ -49,8 +54,26 @@ def draw(result: dict[str, Any], out_dir: str) -> list[str]:
         path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=DPI)
         plt.close(fig)
+        _shrink(path)
         paths.append(path)
     return paths
+
+
+def _shrink(path: str) -> None:
+    """Re-save with a 64-colour palette: a quarter of the size, small enough to commit."""
+    try:
+        from PIL import Image  # a dependency of matplotlib
+    except ImportError:
+        return
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
+def _ticks(ax: Any, values: list[float], labels: list[str]) -> None:
+    ax.set_xticks(values)
+    ax.set_xticklabels(labels)
+    ax.minorticks_off()
 
 
 def _timeline(result: dict[str, Any], plt: Any) -> Any:
@@ -59,7 +82,7 @@ def _timeline(result: dict[str, Any], plt: Any) -> Any:
     if session is None:
         return None
     lines = session["timelines"]
-    names = list(lines)
+    names = sorted(lines, key=_order)
     fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 5.2), sharey="row",
                              squeeze=False)
     hi = max(lines[n]["phases_ms"]["copied"] for n in names) + 30  # one time scale for all
@@ -102,7 +125,8 @@ def _fault_cdf(result: dict[str, Any], plt: Any) -> Any:
     styles = ["-", "--", ":", "-."]
     for ax, kind in zip(axes[0], kinds, strict=True):
         for si, s in enumerate(x for x in sessions if x["kind"] == kind):
-            for ei, (name, values) in enumerate(s["fault_cdf_ns"].items()):
+            for ei, name in enumerate(sorted(s["fault_cdf_ns"], key=_order)):
+                values = s["fault_cdf_ns"][name]
                 if not values:
                     continue
                 n = len(values)
@@ -120,58 +144,78 @@ def _fault_cdf(result: dict[str, Any], plt: Any) -> Any:
 
 
 def _scaling(result: dict[str, Any], plt: Any) -> Any:
+    """Pauses and copy throughput by object size and by process count; coordinator cost."""
     rows = result["scenarios"]["scaling"]
     if not rows:
         return None
-    mode = rows[0]["mode"]  # one mode per plot: the first
-    rows = [r for r in rows if r["mode"] == mode]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
     base = min(r["size"] for r in rows)
-    by_size = sorted((r for r in rows if r["procs"] == 1), key=lambda r: r["size"])
-    by_procs = sorted((r for r in rows if r["size"] == base), key=lambda r: r["procs"])
-    for ax, pts, key, xlabel in ((axes[0][0], by_size, "size", "object size (1 process)"),
-                                 (axes[0][1], by_procs, "procs",
-                                  f"processes ({size_label(base)} object)")):
-        xs = [r[key] / (1 << 20) if key == "size" else r[key] for r in pts]
-        for field, label, color in (("ours_ns", "uffdsnap start pause (writer-seen)", "tab:blue"),
-                                    ("ours_protect_phase_ns", "uffdsnap protect phase",
-                                     "tab:cyan"),
-                                    ("kernel_protect_ns", "kernel protect (native)",
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+
+    def points(mode: str | None, key: str) -> list[dict[str, Any]]:
+        pts = [r for r in rows if (mode is None or r["mode"] == mode)
+               and (r["procs"] == 1 if key == "size" else r["size"] == base)]
+        if mode is None:  # baselines: one point per configuration
+            pts = list({(r["size"], r["procs"]): r for r in pts}.values())
+        return sorted(pts, key=lambda r: r[key])
+
+    def x(r: dict[str, Any], key: str) -> float:
+        return float(r[key] / (1 << 20) if key == "size" else r[key])
+
+    for ax, key, xlabel in ((axes[0][0], "size", "object size (1 process)"),
+                            (axes[0][1], "procs", f"processes ({size_label(base)} object)")):
+        for mode in modes:
+            pts = points(mode, key)
+            ax.plot([x(r, key) for r in pts], [r["ours_ns"] / 1e6 for r in pts], "o-",
+                    color=_color(mode), label=f"{_label(mode)}: start pause (writers)")
+            ax.plot([x(r, key) for r in pts], [r["ours_protect_phase_ns"] / 1e6 for r in pts],
+                    ":", color=_color(mode), label=f"{_label(mode)}: protect phase")
+        pts = points(None, key)
+        for field, label, color in (("kernel_protect_ns", "kernel protect (native)",
                                      "tab:green"),
                                     ("stw_ns", "stop-the-world pause", "tab:red")):
-            ys = [r[field] / 1e6 if r[field] else None for r in pts]
-            ax.plot(xs, ys, "o-", label=label, color=color)
+            ax.plot([x(r, key) for r in pts], [(r[field] or 0) / 1e6 for r in pts], "s-",
+                    color=color, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(xlabel + (" (MiB)" if key == "size" else ""))
+        _ticks(ax, [x(r, key) for r in pts],
+               [size_label(r["size"]) if key == "size" else str(r["procs"]) for r in pts])
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("ms")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     ax = axes[1][0]
-    xs = [r["size"] / (1 << 20) for r in by_size]
-    for field, label, color in (("ours_copy_bytes_per_s", f"uffdsnap ({mode})", "tab:blue"),
-                                ("native_copy_bytes_per_s", "native handler", "tab:green"),
+    for mode in modes:
+        pts = points(mode, "size")
+        ax.plot([x(r, "size") for r in pts], [r["ours_copy_bytes_per_s"] / (1 << 20) for r in pts],
+                "o-", color=_color(mode), label=_label(mode))
+    pts = points(None, "size")
+    for field, label, color in (("native_copy_bytes_per_s", "native handler", "tab:green"),
                                 ("raw_copy_bytes_per_s", "raw copy (world stopped)", "tab:red")):
-        ax.plot(xs, [(r[field] or 0) / (1 << 20) for r in by_size], "o-", label=label,
-                color=color)
+        ax.plot([x(r, "size") for r in pts], [(r[field] or 0) / (1 << 20) for r in pts], "s-",
+                label=label, color=color)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("object size (MiB, 1 process, paced writer)")
+    _ticks(ax, [x(r, "size") for r in pts], [size_label(r["size"]) for r in pts])
+    ax.set_xlabel("object size (1 paced writer)")
     ax.set_ylabel("copy MiB/s")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     ax = axes[1][1]
-    pts = sorted(rows, key=lambda r: (r["size"], r["procs"]))
-    labels = [f"{size_label(r['size'])}\nx{r['procs']}" for r in pts]
-    idx = list(range(len(pts)))
-    ax.bar([i - 0.2 for i in idx], [r["coordinator_maxrss_bytes"] / (1 << 20) for r in pts],
-           width=0.4, color="tab:blue", label="coordinator peak RSS (MiB)")
-    ax.set_ylabel("MiB")
+    configs = sorted({(r["size"], r["procs"]) for r in rows})
+    idx = list(range(len(configs)))
     ax2 = ax.twinx()
-    ax2.bar([i + 0.2 for i in idx], [r["coordinator_cpu_s"] for r in pts], width=0.4,
-            color="tab:orange", label="coordinator CPU (s)")
-    ax2.set_ylabel("CPU s")
+    for mode in modes:
+        by = {(r["size"], r["procs"]): r for r in rows if r["mode"] == mode}
+        ax.plot(idx, [by[c]["coordinator_maxrss_bytes"] / (1 << 20) if c in by else None
+                      for c in configs], "o-", color=_color(mode), label=f"{mode}: peak RSS")
+        ax2.plot(idx, [by[c]["coordinator_cpu_s"] if c in by else None for c in configs],
+                 "^--", color=_color(mode), label=f"{mode}: CPU")
+    ax.set_ylabel("coordinator peak RSS, MiB (solid)")
+    ax2.set_ylabel("coordinator CPU, s (dashed)")
+    ax.set_ylim(bottom=0)
+    ax2.set_ylim(bottom=0)
     ax.set_xticks(idx)
-    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_xticklabels([f"{size_label(s)}\nx{p}" for s, p in configs], fontsize=7)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")

@@ -9,9 +9,7 @@ import shlex
 import sys
 from typing import Any
 
-from uffdsnap.bench import MODES, BenchConfig, run_bench
-from uffdsnap.bench.config import KINDS, parse_size
-from uffdsnap.bench.report import render_scaling, render_table
+from uffdsnap.bench.config import KINDS, MODES, BenchConfig, parse_size
 from uffdsnap.errors import UserError
 from uffdsnap.output import emit
 
@@ -110,6 +108,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from uffdsnap.bench.report import render_scaling, render_table
+    from uffdsnap.bench.run import run_bench
+
     cfg = config_from_args(args)
 
     def say(line: str) -> None:
