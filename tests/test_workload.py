@@ -632,15 +632,7 @@ def test_memfd_object_via_proc_fd(writers: list[wl.WriterProcess], writer_bin: P
         os.close(fd)
 
 
-def _free_hugepages() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
-
-
-@pytest.mark.skipif(_free_hugepages() < 8, reason="needs 8 free 2 MiB hugetlb pages")
+@pytest.mark.usefixtures("hugepages")  # reserves the pages itself: never skips
 def test_hugetlb_object(writers: list[wl.WriterProcess], writer_bin: Path) -> None:
     huge = 2 << 20
     fd, size = wl.create_object("uffdsnap-test-huge", 2, 2, page_size=huge)

@@ -40,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `only`, just that command's options are filled in (its module is
+    the only one imported: every agent process starts through here, and start-up counts)."""
     parser = _Parser(prog="uffdsnap", description="Consistent point-in-time snapshots of live "
                      "multi-process shared memory (userfaultfd write-protect).")
     parser.add_argument("--version", action="version", version="uffdsnap 0.1.0")
@@ -49,18 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
         p.set_defaults(_module=module)
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # a command whose module has not landed yet
-            if e.name != module:
-                raise
-            continue
-        mod.configure(p)
+        if only is None or name == only:
+            importlib.import_module(module).configure(p)
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in argv (its first non-option word), if it is one of ours."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command_in(argv)
+    parser = build_parser(only=command) if command else build_parser(only="")
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()

@@ -57,7 +57,7 @@ from uffdsnap.protocol import (
 from uffdsnap.stats import LatencyHistogram
 from uffdsnap.tracker import GONE, Tracker
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20
 OUTBOX_DEPTH = 256
 HANDSHAKE_TIMEOUT_S = 10.0
 RELEASE_TIMEOUT_S = 10.0
@@ -385,6 +385,7 @@ class Coordinator:
             self._unprotect_one(peer, msg.offset)
             return
         self._save_page(run, page)
+        self._unprotect_one(peer, msg.offset)  # the waiting writer first; the others batched
 
     def _save_page(self, run: Run, page: int) -> None:
         """Copy one page from the object into the image, then un-protect it everywhere."""
@@ -404,11 +405,8 @@ class Coordinator:
             pass
 
     def _queue_unprotect(self, offset: int, length: int) -> None:
-        """Un-protect a saved range everywhere: at once through the uffds delegated to us, by
-        message (batched) for the other agents."""
-        for peer in self.peers:
-            for tracker in list(peer.delegated):
-                self._unprotect_delegated(peer, tracker, offset, length)
+        """Un-protect a saved range everywhere, batched: ranges queued while the coordinator is
+        busy go out together, coalesced (see _broadcast_unprotects)."""
         self._pending_unprotect.append((offset, length))
         self._unprotect_ready.set()
 
@@ -440,9 +438,9 @@ class Coordinator:
         try:
             tracker.unprotect(offset, length)
         except KernelError as e:
-            if e.errno not in GONE:
-                raise
-            peer.delegated.remove(tracker)  # its process exited or exec'd
+            if e.errno not in GONE and self.run is not None:
+                self.run.fail(f"un-protecting in pid {tracker.pid}: {e}")
+            peer.delegated.remove(tracker)  # its process exited or exec'd (or is unusable)
             trio.lowlevel.notify_closing(tracker.uffd)
             tracker.close()
 
@@ -507,17 +505,25 @@ class Coordinator:
         page = offset // self.page_size
         if run.saved[page]:
             run.duplicate_faults += 1
-            self._unprotect_delegated(peer, tracker, offset, self.page_size)
         else:
             self._save_page(run, page)
+        # the waiting writer's process at once; the other processes with the next batch (a
+        # write there to the saved page meanwhile faults and is answered from `saved`)
+        self._unprotect_delegated(peer, tracker, offset, self.page_size)
         run.delegated_service.record(monotonic_ns() - seen)
 
     async def _broadcast_unprotects(self) -> None:
-        """Send queued un-protects to every agent, coalesced into as few messages as possible."""
+        """Apply queued un-protects everywhere, coalesced: directly through the uffds delegated
+        to us, and in as few messages as possible to the other agents."""
         while True:
             await self._unprotect_ready.wait()
             self._unprotect_ready = trio.Event()
             ranges, self._pending_unprotect = coalesce(self._pending_unprotect), []
+            for peer in list(self.peers):
+                for tracker in list(peer.delegated):
+                    for offset, length in ranges:
+                        if tracker in peer.delegated:
+                            self._unprotect_delegated(peer, tracker, offset, length)
             for start in range(0, len(ranges), MAX_RANGES):
                 msg = Unprotect(tuple(ranges[start:start + MAX_RANGES]))
                 for peer in list(self.peers):
@@ -687,14 +693,19 @@ class Coordinator:
             if peer.delegated:
                 run.delegated_service.record(monotonic_ns() - seen_ns)
         run.held.clear()
-        for start, length, is_data in copy_windows(self.obj.fd, self.obj.size,
-                                                   self.page_size, self.chunk_bytes):
-            if is_data:
-                await self._copy_chunk(run, start, length)
-            else:
-                self._claim_hole(run, start, length)
-            if self.on_progress:
-                self.on_progress(start + length, self.obj.size)
+        # Reading window N+1 overlaps storing window N (two worker threads, one window queued).
+        stores_send, stores_recv = trio.open_memory_channel[tuple[Any, ...]](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._store_windows, run, stores_recv)
+            async with stores_send:
+                for start, length, is_data in copy_windows(self.obj.fd, self.obj.size,
+                                                           self.page_size, self.chunk_bytes):
+                    if is_data:
+                        await stores_send.send(await self._read_window(run, start, length))
+                    else:
+                        self._claim_hole(run, start, length)
+                    if self.on_progress:
+                        self.on_progress(start + length, self.obj.size)
 
     def _claim_hole(self, run: Run, start: int, length: int) -> None:
         """A hole now was a hole at T (a page filled since then faulted and was saved): it is
@@ -719,9 +730,10 @@ class Coordinator:
             page = end
         return runs
 
-    async def _copy_chunk(self, run: Run, offset: int, length: int) -> None:
-        # 1. read the chunk; pages still unsaved are protected everywhere, so this is their
-        #    content at T (a page saved meanwhile by a fault is taken from the image instead).
+    async def _read_window(self, run: Run, offset: int, length: int) -> tuple[Any, ...]:
+        """Read a window and claim its unsaved pages. Pages still unsaved are protected
+        everywhere, so what was read is their content at T; a page saved meanwhile by a fault
+        is taken from the image instead (it was saved before it could change)."""
         if self._hooks.get("scan_delay_s"):
             await trio.sleep(self._hooks["scan_delay_s"])
         buf = await trio.to_thread.run_sync(_pread_exact, self.obj.fd, length, offset)
@@ -730,9 +742,15 @@ class Coordinator:
         for a, b in claimed:
             self._queue_unprotect(a, b - a)
         run.bytes_scanned += length
-        # 2. overlay pages saved earlier, write what we claimed, checksum the final bytes.
-        await trio.to_thread.run_sync(_store_chunk, run.writer, buf, offset, was_saved,
-                                      claimed, self.page_size)
+        return (buf, offset, was_saved, claimed)
+
+    async def _store_windows(self, run: Run,
+                             windows: trio.MemoryReceiveChannel[tuple[Any, ...]]) -> None:
+        """Overlay pages saved earlier, write what was claimed, checksum the final bytes."""
+        async with windows:
+            async for buf, offset, was_saved, claimed in windows:
+                await trio.to_thread.run_sync(_store_chunk, run.writer, buf, offset, was_saved,
+                                              claimed, self.page_size)
 
     async def _release_all(self, run: Run) -> None:
         run.phase = "releasing"

@@ -169,9 +169,17 @@ class Tracker:
         return out
 
     def unprotect(self, offset: int, length: int) -> None:
-        """Un-protect object range [offset, offset+length) in every mapping, waking waiters."""
+        """Un-protect object range [offset, offset+length) in every mapping, waking waiters.
+
+        ENOENT means the range is not mapped there any more: the process moved or unmapped it
+        and the event saying so is not read yet. Skipping is safe: moved pages keep their
+        protection, and a write to one faults again and is answered at its new address."""
         for address, span in self.spans(offset, length):
-            self._call(K.writeprotect, self.uffd, address, span, protect=False)
+            try:
+                self._call(K.writeprotect, self.uffd, address, span, protect=False)
+            except KernelError as e:
+                if e.errno != errno.ENOENT:
+                    raise
 
     def release(self) -> None:
         """Un-protect and unregister everything registered; tolerate a process that is gone."""

@@ -132,12 +132,18 @@ def all_pids() -> list[int]:
 
 def find_mappers(obj: ObjectId, exclude: set[int] | None = None) -> dict[int, list[Mapping]]:
     """Every process with a shared mapping of `obj`: {pid: [mappings]}. Processes that vanish or
-    that we may not inspect while we look are skipped."""
+    that we may not inspect while we look are skipped. (Writers may be held while this runs:
+    a process whose maps do not mention the inode is passed over without parsing them.)"""
     found: dict[int, list[Mapping]] = {}
+    needle = f" {obj.major:02x}:{obj.minor:02x} {obj.inode} ".encode()
     for pid in all_pids():
         if exclude and pid in exclude:
             continue
         try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                raw = f.read()
+            if raw and needle not in raw:
+                continue
             maps = mappings_of(pid, obj)
         except (ProcessLookupError, PermissionError):
             continue
