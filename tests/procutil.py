@@ -96,3 +96,14 @@ def assert_nothing_published(out: str) -> None:
     assert not os.path.exists(manifest_path(out))
 
 
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 90.0) -> tuple[str, str]:
+    """Wait for a snapshot process; on timeout kill it and fail with what it printed."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"snapshot still running after {timeout:g} s; stderr: {err[-2000:]}"
+                             f"; stdout: {out[-500:]}") from None

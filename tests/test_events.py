@@ -15,6 +15,7 @@ from conftest import SPAWNED, make_workload, needs_root, start_writers, stop_wri
 from procutil import (
     assert_nothing_published,
     assert_writers_resume,
+    finish,
     paused_snapshot,
     wait_gone,
     wait_line,
@@ -37,7 +38,7 @@ def test_mapper_arriving_before_t_is_attached(mode: str, shm_path: str, tmp_path
         late = start_writers(shm_path, native=1, first_index=3)
         writers += late
         os.kill(proc.pid, signal.SIGUSR1)  # end the pause: the rescan before T finds it
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -64,7 +65,7 @@ def test_mapper_arriving_after_t_fails_the_snapshot(mode: str, shm_path: str,
         late = start_writers(shm_path, native=1, first_index=3)
         writers += late
         os.kill(proc.pid, signal.SIGUSR1)  # end the pause: the check after the copy finds it
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -140,7 +141,7 @@ def test_fork_during_snapshot(phase: str, mode: str, shm_path: str, tmp_path: Pa
     try:
         proc = paused_snapshot(shm_path, out, phase, mode)
         child = forker.fork()  # the agent reports the child, which ends the pause
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = finish(proc)
         assert proc.returncode == 0, stderr
         summary = json.loads(stdout)
         [agent] = [p for p in summary["processes"] if p["pid"] == forker.proc.pid]
@@ -166,7 +167,7 @@ def test_mremap_during_snapshot(mode: str, shm_path: str, tmp_path: Path) -> Non
         proc = paused_snapshot(shm_path, out, "copying", mode)
         mover.remap()
         os.kill(proc.pid, signal.SIGUSR1)  # end the pause
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = finish(proc)
         assert proc.returncode == 0, stderr
         result = wl.check_file(out)
         assert result.ok, result.summary()

@@ -21,6 +21,7 @@ from procutil import (
     assert_nothing_published,
     assert_writers_resume,
     children_agents,
+    finish,
     paused_snapshot,
     wait_gone,
 )
@@ -69,7 +70,7 @@ def test_agent_killed(phase: str, shm_path: str, writers: list[wl.WriterProcess]
     proc = paused_snapshot(shm_path, out, phase)
     agents = children_agents(proc.pid)
     os.kill(agents[0], signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=30)
+    stdout, stderr = finish(proc)
     assert proc.returncode == 1, stdout
     lines = stderr.strip().splitlines()
     assert "Traceback" not in stderr
@@ -89,7 +90,7 @@ def test_writer_exit_does_not_fail_the_snapshot(phase: str, mode: str, shm_path:
     proc = paused_snapshot(shm_path, out, phase, mode)
     victim = writers.pop(0)
     victim.kill()  # SIGKILL: the process is gone, its agent reports it and leaves
-    stdout, stderr = proc.communicate(timeout=30)
+    stdout, stderr = finish(proc)
     assert proc.returncode == 0, stderr
     summary = json.loads(stdout)
     assert [p["pid"] for p in summary["processes_gone"]] == [victim.pid]
@@ -171,7 +172,7 @@ def test_delegated_agent_killed(phase: str, shm_path: str, writers: list[wl.Writ
     proc = paused_snapshot(shm_path, out, phase, mode="delegated")
     agents = children_agents(proc.pid)
     os.kill(agents[0], signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=30)
+    stdout, stderr = finish(proc)
     assert proc.returncode == 1, stdout
     assert json.loads(stdout)["ok"] is False
     assert_writers_resume(shm_path, writers)
