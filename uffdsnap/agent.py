@@ -13,7 +13,6 @@ import errno
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 
 import trio
@@ -22,7 +21,7 @@ from uffdsnap.channel import Channel, PeerClosed, connect
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.pidfd import pidfd_open
-from uffdsnap.kernel.procmaps import Mapping, ObjectId
+from uffdsnap.kernel.procmaps import Mapping, ObjectId, process_comm, start_ticks
 from uffdsnap.protocol import (
     PROTOCOL_VERSION,
     Abort,
@@ -43,17 +42,13 @@ from uffdsnap.protocol import (
     Unprotect,
     Welcome,
 )
-from uffdsnap.stats import LatencyHistogram
+from uffdsnap.stats import LatencyHistogram, monotonic_ns
 from uffdsnap.tracker import GONE, Tracker, boot_ticks
 
 JOIN_TIMEOUT_S = 30.0
 # Features asked of the kernel for a snapshot uffd (those it lacks are simply not requested,
 # except the required ones, whose absence fails the API call with a clear error).
 WANTED_FEATURES = K.REQUIRED_FEATURES | K.FEATURES["THREAD_ID"] | K.EVENT_FEATURES
-
-
-def monotonic_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 def negotiate(uffd: int) -> K.ApiInfo:
@@ -100,20 +95,12 @@ class _FaultLog:
 
 
 async def _join(chan: Channel, pid: int, mode: str) -> Welcome:
-    await chan.send(Hello(PROTOCOL_VERSION, Role.AGENT.value, pid, mode, _comm(pid)))
+    await chan.send(Hello(PROTOCOL_VERSION, Role.AGENT.value, pid, mode, process_comm(pid)))
     with trio.fail_after(JOIN_TIMEOUT_S):
         msg = await chan.receive()
     if not isinstance(msg, Welcome):
         raise ProtocolError(f"coordinator answered {msg.TYPE} instead of welcome")
     return msg
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
@@ -429,17 +416,9 @@ def _new_child(parent: int, known: set[int | None], since: int) -> int | None:
                 candidates += [int(p) for p in f.read().split()]
         except OSError:
             continue
-    fresh = [(_start_time(p), p) for p in candidates if p not in known]
+    fresh = [(start_ticks(p), p) for p in candidates if p not in known]
     fresh = [(t, p) for t, p in fresh if t >= since]
     return min(fresh)[1] if fresh else None
-
-
-def _start_time(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return -1
 
 
 def report(message: str) -> None:

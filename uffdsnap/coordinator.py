@@ -31,7 +31,14 @@ from uffdsnap.image import ImageWriter, extent_checksum
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.pidfd import pidfd_open, process_alive
-from uffdsnap.kernel.procmaps import Mapping, SharedObject, find_mappers
+from uffdsnap.kernel.procmaps import (
+    Mapping,
+    SharedObject,
+    find_mappers,
+    parent_pid,
+    process_comm,
+    process_running,
+)
 from uffdsnap.protocol import (
     MAX_RANGES,
     PROTOCOL_VERSION,
@@ -54,7 +61,7 @@ from uffdsnap.protocol import (
     Unprotect,
     Welcome,
 )
-from uffdsnap.stats import LatencyHistogram
+from uffdsnap.stats import LatencyHistogram, monotonic_ns
 from uffdsnap.tracker import GONE, Tracker
 
 CHUNK_BYTES = 1 << 20
@@ -64,10 +71,6 @@ RELEASE_TIMEOUT_S = 10.0
 # An agent that cannot take a message for this long is dropped (its process is then released
 # by the agent itself, or by the kernel when the agent dies) and the snapshot fails.
 PEER_SEND_TIMEOUT_S = 10.0
-
-
-def monotonic_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 @dataclass(eq=False)
@@ -94,7 +97,7 @@ class Peer:
         return {self.pid, *self.children}
 
     def any_alive(self) -> bool:
-        return process_alive(self.pidfd) or any(_exists(p) for p in self.children)
+        return process_alive(self.pidfd) or any(process_running(p) for p in self.children)
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "comm": self.comm, "mode": self.mode,
@@ -662,7 +665,7 @@ class Coordinator:
         children a moment before calling them untracked."""
         tracked = {pid for p in run.peers for pid in p.pids}
         with trio.move_on_after(FORK_REPORT_GRACE_S):
-            while any(_ppid(pid) in tracked for pid in untracked):
+            while any(parent_pid(pid) in tracked for pid in untracked):
                 await self.peers_changed.wait()
                 untracked = self._untracked_writers(run.peers)
                 tracked = {pid for p in run.peers for pid in p.pids}
@@ -680,7 +683,7 @@ class Coordinator:
             return
         untracked = self._untracked_writers(run.peers)
         if untracked:
-            names = ", ".join(f"{pid} ({_comm(pid)})" for pid in untracked)
+            names = ", ".join(f"{pid} ({process_comm(pid)})" for pid in untracked)
             run.fail(f"untracked process(es) map the object writable {when}: {names}")
 
     async def _copy(self, run: Run) -> None:
@@ -839,36 +842,11 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
 FORK_REPORT_GRACE_S = 2.0
 
 
-def _exists(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
 def _is_hole(fd: int, offset: int) -> bool:
     try:
         return os.lseek(fd, offset, os.SEEK_DATA) != offset
     except OSError:
         return True  # ENXIO: no data at or after offset
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
 
 
 def _flat(summary: dict[str, Any]) -> dict[str, Any]:

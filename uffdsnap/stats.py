@@ -7,9 +7,16 @@ percentiles, so no per-fault list ever grows with the number of faults.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 
 _GROWTH = 1.02
+
+
+def monotonic_ns() -> int:
+    """CLOCK_MONOTONIC: one clock for every process on the machine, so an agent's time of a
+    fault and the coordinator's time of its service can be compared."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 _LOG_GROWTH = math.log(_GROWTH)
 
 

@@ -126,6 +126,45 @@ def mappings_of(pid: int, obj: ObjectId) -> list[Mapping]:
     return [m for m in read_maps(pid) if m.object_id == obj and m.shared]
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], start [19])."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def process_comm(pid: int) -> str:
+    """The process's command name, or "?" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def process_running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return _stat_fields(pid)[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def parent_pid(pid: int) -> int:
+    """The parent's pid, or -1 if the process is gone."""
+    try:
+        return int(_stat_fields(pid)[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def start_ticks(pid: int) -> int:
+    """When the process started, in clock ticks since boot; -1 if it is gone."""
+    try:
+        return int(_stat_fields(pid)[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def all_pids() -> list[int]:
     return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
 
