@@ -45,6 +45,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define HELPER_NAME "bench_handler"
+#include "util.h"
+
 /* Defined here: the system headers on these machines predate some of these names. */
 #define UFFD_API 0xAAULL
 #define UFFDIO_API_IOC 0xC018AA3FUL
@@ -87,41 +90,13 @@ static struct {
     uint64_t bytes_scanned, t_copied;
 } g = { .chunk = 1 << 20, .obj = -1, .out = -1 };
 
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    fputs("bench_handler: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(1);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t parse_u64(const char *what, const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || end == s || *end || s[0] == '-')
-        die("%s: not a non-negative integer: %s", what, s);
-    return v;
-}
-
 static void xioctl(int fd, unsigned long req, void *arg, const char *what, uint64_t start,
                    uint64_t len)
 {
     while (ioctl(fd, req, arg) < 0) {
         if (errno == EINTR || errno == EAGAIN)
             continue;
-        die("%s(start=%#" PRIx64 ", len=%#" PRIx64 "): %s", what, start, len, strerror(errno));
+        die(1, "%s(start=%#" PRIx64 ", len=%#" PRIx64 "): %s", what, start, len, strerror(errno));
     }
 }
 
@@ -142,7 +117,7 @@ static void pread_all(void *buf, uint64_t len, uint64_t off)
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
-            die("pread %s at %" PRIu64 ": %s", g.object, off + done, strerror(errno));
+            die(1, "pread %s at %" PRIu64 ": %s", g.object, off + done, strerror(errno));
         if (n == 0) { /* the object shrank: zeros beyond its end */
             memset((char *)buf + done, 0, len - done);
             return;
@@ -159,7 +134,7 @@ static void pwrite_all(const void *buf, uint64_t len, uint64_t off)
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
-            die("pwrite %s at %" PRIu64 ": %s", g.dest, off + done, strerror(errno));
+            die(1, "pwrite %s at %" PRIu64 ": %s", g.dest, off + done, strerror(errno));
         done += (uint64_t)n;
     }
 }
@@ -174,7 +149,7 @@ static void *scan_thread(void *arg)
     (void)arg;
     char *buf = aligned_alloc(4096, g.chunk);
     if (!buf)
-        die("out of memory for a %" PRIu64 "-byte chunk", g.chunk);
+        die(1, "out of memory for a %" PRIu64 "-byte chunk", g.chunk);
     for (uint64_t off = 0; off < g.size; off += g.chunk) {
         uint64_t len = g.size - off < g.chunk ? g.size - off : g.chunk;
         pread_all(buf, len, off);
@@ -198,7 +173,7 @@ static void *scan_thread(void *arg)
     g.t_copied = now_ns();
     free(buf);
     if (write(g.done_pipe[1], "x", 1) != 1)
-        die("write to pipe: %s", strerror(errno));
+        die(1, "write to pipe: %s", strerror(errno));
     return NULL;
 }
 
@@ -217,7 +192,7 @@ static void handle_faults(unsigned i, char *pagebuf)
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             return;
         if (n < 0)
-            die("read uffd of pid %" PRIu64 ": %s", pr->pid, strerror(errno));
+            die(1, "read uffd of pid %" PRIu64 ": %s", pr->pid, strerror(errno));
         uint64_t t_read = now_ns();
         for (ssize_t m = 0; m + MSG_SIZE <= n; m += MSG_SIZE) {
             const char *msg = msgs + m;
@@ -253,38 +228,38 @@ static void accept_writers(void)
     int ls = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un addr = { .sun_family = AF_UNIX };
     if (strlen(g.listen) >= sizeof addr.sun_path)
-        die("--listen path too long: %s", g.listen);
+        die(1, "--listen path too long: %s", g.listen);
     strcpy(addr.sun_path, g.listen);
     if (ls < 0 || bind(ls, (struct sockaddr *)&addr, sizeof addr) || listen(ls, MAX_PROCS))
-        die("listen on %s: %s", g.listen, strerror(errno));
+        die(1, "listen on %s: %s", g.listen, strerror(errno));
     printf("listening\n");
     fflush(stdout);
     for (unsigned i = 0; i < g.nprocs; i++) {
         int s = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
         if (s < 0)
-            die("accept: %s", strerror(errno));
+            die(1, "accept: %s", strerror(errno));
         uint64_t msg[3];
         char cbuf[CMSG_SPACE(sizeof(int))];
         struct iovec iov = { msg, sizeof msg };
         struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
                              .msg_controllen = sizeof cbuf };
         if (recvmsg(s, &mh, MSG_CMSG_CLOEXEC | MSG_WAITALL) != (ssize_t)sizeof msg)
-            die("recvmsg from a writer: %s", strerror(errno));
+            die(1, "recvmsg from a writer: %s", strerror(errno));
         struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
         if (!c || c->cmsg_type != SCM_RIGHTS)
-            die("a writer sent no userfaultfd");
+            die(1, "a writer sent no userfaultfd");
         struct proc *pr = &g.procs[i];
         memcpy(&pr->uffd, CMSG_DATA(c), sizeof(int));
         pr->base = msg[0];
         pr->len = msg[1];
         pr->pid = msg[2];
         if (pr->len < g.size)
-            die("writer %" PRIu64 " maps %" PRIu64 " bytes of a %" PRIu64 "-byte object",
+            die(1, "writer %" PRIu64 " maps %" PRIu64 " bytes of a %" PRIu64 "-byte object",
                 pr->pid, pr->len, g.size);
         struct api a = { UFFD_API, FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_HUGETLBFS_SHMEM, 0 };
         xioctl(pr->uffd, UFFDIO_API_IOC, &a, "UFFDIO_API", 0, 0);
         if (write(s, "ok\n", 3) != 3)
-            die("answering writer %" PRIu64 ": %s", pr->pid, strerror(errno));
+            die(1, "answering writer %" PRIu64 ": %s", pr->pid, strerror(errno));
         close(s);
     }
     close(ls);
@@ -311,7 +286,7 @@ int main(int argc, char **argv)
         case 'n': {
             uint64_t n = parse_u64("--procs", optarg);
             if (n < 1 || n > MAX_PROCS)
-                die("--procs: not in 1..%d", MAX_PROCS);
+                die(1, "--procs: not in 1..%d", MAX_PROCS);
             g.nprocs = (unsigned)n;
             break;
         }
@@ -322,17 +297,17 @@ int main(int argc, char **argv)
         }
     }
     if (!g.listen || !g.object || !g.dest || !g.nprocs || optind != argc)
-        die("--listen, --procs, --object and --dest are required");
+        die(1, "--listen, --procs, --object and --dest are required");
     prctl(PR_SET_PDEATHSIG, SIGTERM);
 
     g.obj = open(g.object, O_RDONLY | O_CLOEXEC);
     struct stat st;
     if (g.obj < 0 || fstat(g.obj, &st))
-        die("open %s: %s", g.object, strerror(errno));
+        die(1, "open %s: %s", g.object, strerror(errno));
     g.size = (uint64_t)st.st_size;
     g.page_size = (uint64_t)st.st_blksize;
     if (g.page_size < 4096 || (g.page_size & (g.page_size - 1)) || g.size % g.page_size)
-        die("%s: size %" PRIu64 " is not whole %" PRIu64 "-byte pages", g.object, g.size,
+        die(1, "%s: size %" PRIu64 " is not whole %" PRIu64 "-byte pages", g.object, g.size,
             g.page_size);
     if (g.chunk < g.page_size || g.chunk % g.page_size)
         g.chunk = (g.chunk / g.page_size + 1) * g.page_size;
@@ -341,10 +316,10 @@ int main(int argc, char **argv)
     g.service = malloc(SERVICE_CAP * sizeof *g.service);
     char *pagebuf = aligned_alloc(4096, g.page_size);
     if (!g.claimed || !g.service || !pagebuf || pipe2(g.done_pipe, O_CLOEXEC))
-        die("setup: %s", strerror(errno));
+        die(1, "setup: %s", strerror(errno));
     g.out = open(g.dest, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (g.out < 0 || ftruncate(g.out, (off_t)g.size))
-        die("create %s: %s", g.dest, strerror(errno));
+        die(1, "create %s: %s", g.dest, strerror(errno));
 
     accept_writers();
     printf("ready\n");
@@ -368,7 +343,7 @@ int main(int argc, char **argv)
     pthread_t scan;
     int err = pthread_create(&scan, NULL, scan_thread, NULL);
     if (err)
-        die("pthread_create: %s", strerror(err));
+        die(1, "pthread_create: %s", strerror(err));
     struct pollfd pfd[MAX_PROCS + 1];
     for (unsigned i = 0; i < g.nprocs; i++)
         pfd[i] = (struct pollfd){ .fd = g.procs[i].uffd, .events = POLLIN };
@@ -377,7 +352,7 @@ int main(int argc, char **argv)
         if (poll(pfd, g.nprocs + 1, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            die("poll: %s", strerror(errno));
+            die(1, "poll: %s", strerror(errno));
         }
         for (unsigned i = 0; i < g.nprocs; i++)
             if (pfd[i].revents & POLLIN)

@@ -59,6 +59,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#define HELPER_NAME "bench_writer"
+#include "util.h"
+
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -102,41 +105,6 @@ static struct {
         .max_seconds = 600, .seed = 1, .fd = -1, .pagemap = -1 };
 
 static volatile sig_atomic_t stop;
-
-static void die(int status, const char *fmt, ...)
-{
-    va_list ap;
-    fputs("bench_writer: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(status);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-static void sleep_until_ns(uint64_t t)
-{
-    struct timespec ts = { .tv_sec = (time_t)(t / 1000000000ULL),
-                           .tv_nsec = (long)(t % 1000000000ULL) };
-    clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL); /* EINTR: stop is checked */
-}
-
-static uint64_t parse_u64(const char *what, const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || end == s || *end || s[0] == '-')
-        die(2, "%s: not a non-negative integer: %s", what, s);
-    return v;
-}
 
 static uint64_t xorshift(uint64_t *s)
 {

@@ -38,6 +38,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#define HELPER_NAME "preforker"
+#define HELPER_INT_BASE 10
+#include "util.h"
+
 #include "workload.h"
 
 #ifndef MAP_HUGE_SHIFT
@@ -48,27 +52,6 @@ static volatile sig_atomic_t terminating;
 /* In the parent, the workers to pass SIGTERM on to (set before the handler can see them). */
 static pid_t *volatile workers;
 static volatile uint64_t nforked;
-
-static void die(int status, const char *fmt, ...)
-{
-    va_list ap;
-    fputs("preforker: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(status);
-}
-
-static uint64_t parse_u64(const char *opt, const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || *end || s[0] == '-')
-        die(2, "%s: not a non-negative integer: %s", opt, s);
-    return v;
-}
 
 static void on_term(int sig)
 {
@@ -87,13 +70,6 @@ static void catch_term(void)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 static int write_all(int fd, const void *buf, size_t len)

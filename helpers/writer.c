@@ -36,6 +36,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#define HELPER_NAME "writer"
+#define HELPER_INT_BASE 10
+#include "util.h"
+
 #include "workload.h"
 
 #define MAX_THREADS 64
@@ -59,48 +63,12 @@ static struct {
     pthread_mutex_t out;
 } g = { .out = PTHREAD_MUTEX_INITIALIZER };
 
-static void die(int status, const char *fmt, ...)
-{
-    va_list ap;
-    fputs("writer: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(status);
-}
-
 static volatile uint64_t *map_range(uint64_t off, uint64_t len)
 {
     void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, g.fd, (off_t)off);
     if (p == MAP_FAILED)
         die(1, "mmap(offset=%" PRIu64 ", len=%" PRIu64 "): %s", off, len, strerror(errno));
     return p;
-}
-
-static uint64_t parse_u64(const char *opt, const char *s)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || *end || s[0] == '-')
-        die(2, "%s: not a non-negative integer: %s", opt, s);
-    return v;
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-static void sleep_until_ns(uint64_t t)
-{
-    struct timespec ts = { .tv_sec = (time_t)(t / 1000000000ULL),
-                           .tv_nsec = (long)(t % 1000000000ULL) };
-    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
-        ;
 }
 
 static void usage(void)
