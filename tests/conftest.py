@@ -80,13 +80,22 @@ def start_writers(path: str, *, native: int = 4, enlisted: int = 0, enlist: str 
                   **kwargs: Any) -> list[wl.WriterProcess]:
     """Start `native` C writers then `enlisted` Python writers (which enlist with `enlist`),
     with consecutive indexes, and wait until every one is writing."""
+    specs = [(first_index + i, {"impl": "c", **kwargs}) for i in range(native)]
+    specs += [(first_index + native + i, {"impl": "python", "enlist": enlist, **kwargs})
+              for i in range(enlisted)]
+    return spawn_writers(path, specs, user=user)
+
+
+def spawn_writers(path: str, specs: list[tuple[int, dict[str, Any]]],
+                  user: int | None = None) -> list[wl.WriterProcess]:
+    """Start writer processes, one per (index, spawn_writer options), and wait until each is
+    writing; on any failure none is left running."""
     writers = []
     try:
-        for i in range(native):
-            writers.append(_spawn(path, first_index + i, "c", None, user, **kwargs))
-        for i in range(enlisted):
-            writers.append(_spawn(path, first_index + native + i, "python", enlist, user,
-                                  **kwargs))
+        for index, options in specs:
+            options = dict(options)
+            impl, enlist = options.pop("impl", "c"), options.pop("enlist", None)
+            writers.append(_spawn(path, index, impl, enlist, user, **options))
         for w in writers:
             w.wait_ready()
     except BaseException:

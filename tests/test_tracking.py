@@ -25,7 +25,13 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import HUGE_PAGE, SPAWNED, make_workload, needs_root, running_coordinator
+from conftest import (
+    HUGE_PAGE,
+    make_workload,
+    needs_root,
+    running_coordinator,
+    spawn_writers,
+)
 from uffdsnap import native
 from uffdsnap import workload as wl
 from uffdsnap.coordinator import Coordinator
@@ -47,20 +53,7 @@ UNPROTECTED = {"no_protect": True, "scan_delay_s": 0.002}
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def spawn(path: str, specs: list[tuple[int, dict[str, Any]]]) -> list[wl.WriterProcess]:
-    """Start writer processes (index, spawn_writer options) and wait until each is writing."""
-    writers: list[wl.WriterProcess] = []
-    try:
-        for index, options in specs:
-            writers.append(wl.spawn_writer(path, index, **options))
-            SPAWNED.append(writers[-1].proc)
-        for w in writers:
-            w.wait_ready()
-    except BaseException:
-        for w in writers:
-            w.kill()
-        raise
-    return writers
+spawn = spawn_writers  # (index, options) specs: hugetlb rates, threads, partial mappings
 
 
 def stop(path: str, writers: list[wl.WriterProcess]) -> dict[int, int]:
