@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from uffdsnap.stats import LatencyHistogram, monotonic_ns
 from uffdsnap.tracker import GONE, Tracker
 
 CHUNK_BYTES = 1 << 20
+COPY_WORKERS = 2
 OUTBOX_DEPTH = 256
 HANDSHAKE_TIMEOUT_S = 10.0
 RELEASE_TIMEOUT_S = 10.0
@@ -128,6 +130,9 @@ class Run:
     held_wait_max_ns: int = 0
     protect_started_ns: int = 0
     delegated_service: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # Guards `saved` (and the image write that precedes marking a page saved) between the event
+    # loop's fault path and the copy workers, which claim pages from their threads.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.saved = bytearray(self.npages)
@@ -391,11 +396,15 @@ class Coordinator:
         self._unprotect_one(peer, msg.offset)  # the waiting writer first; the others batched
 
     def _save_page(self, run: Run, page: int) -> None:
-        """Copy one page from the object into the image, then un-protect it everywhere."""
+        """Copy one page from the object into the image, then un-protect it everywhere. A copy
+        worker may have claimed it meanwhile: then it holds the page's content at T already."""
         offset = page * self.page_size
-        data = os.pread(self.obj.fd, self.page_size, offset)
-        run.writer.write(offset, data)
-        run.saved[page] = 1
+        with run.lock:
+            if run.saved[page]:
+                return
+            data = os.pread(self.obj.fd, self.page_size, offset)
+            run.writer.write(offset, data)
+            run.saved[page] = 1
         run.fault_pages_saved += 1
         self._queue_unprotect(offset, self.page_size)
 
@@ -696,21 +705,22 @@ class Coordinator:
             if peer.delegated:
                 run.delegated_service.record(monotonic_ns() - seen_ns)
         run.held.clear()
-        # Reading window N+1 overlaps storing window N (two worker threads, one window queued).
+        # Each window is read, claimed and stored by one worker thread, two windows in flight.
         # 1 MiB windows: 4 MiB ones measured worse for fault service (longer synchronous claims
         # and un-protects in the event loop) and no better for copy throughput.
-        stores_send, stores_recv = trio.open_memory_channel[tuple[Any, ...]](1)
+        in_flight = trio.Semaphore(COPY_WORKERS)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._store_windows, run, stores_recv)
-            async with stores_send:
-                for start, length, is_data in copy_windows(self.obj.fd, self.obj.size,
-                                                           self.page_size, self.chunk_bytes):
-                    if is_data:
-                        await stores_send.send(await self._read_window(run, start, length))
-                    else:
-                        self._claim_hole(run, start, length)
-                    if self.on_progress:
-                        self.on_progress(start + length, self.obj.size)
+            for start, length, is_data in copy_windows(self.obj.fd, self.obj.size,
+                                                       self.page_size, self.chunk_bytes):
+                if is_data:
+                    if self._hooks.get("scan_delay_s"):
+                        await trio.sleep(self._hooks["scan_delay_s"])
+                    await in_flight.acquire()
+                    nursery.start_soon(self._copy_window, run, start, length, in_flight)
+                else:
+                    self._claim_hole(run, start, length)
+                if self.on_progress:
+                    self.on_progress(start + length, self.obj.size)
 
     def _claim_hole(self, run: Run, start: int, length: int) -> None:
         """A hole now was a hole at T (a page filled since then faulted and was saved): it is
@@ -720,42 +730,19 @@ class Coordinator:
 
     def _claim(self, run: Run, start: int, length: int) -> list[tuple[int, int]]:
         """Mark unsaved pages of [start, start+length) saved; return them as runs (start, end)."""
-        ps = self.page_size
-        first, last = start // ps, (start + length) // ps
-        runs: list[tuple[int, int]] = []
-        saved = run.saved
-        page = first
-        while page < last:
-            page = _next_zero(saved, page, last)
-            if page >= last:
-                break
-            end = _next_nonzero(saved, page, last)
-            saved[page:end] = b"\x01" * (end - page)
-            runs.append((page * ps, end * ps))
-            page = end
-        return runs
+        with run.lock:
+            return _claim_runs(run.saved, start, length, self.page_size)
 
-    async def _read_window(self, run: Run, offset: int, length: int) -> tuple[Any, ...]:
-        """Read a window and claim its unsaved pages. Pages still unsaved are protected
-        everywhere, so what was read is their content at T; a page saved meanwhile by a fault
-        is taken from the image instead (it was saved before it could change)."""
-        if self._hooks.get("scan_delay_s"):
-            await trio.sleep(self._hooks["scan_delay_s"])
-        buf = await trio.to_thread.run_sync(_pread_exact, self.obj.fd, length, offset)
-        was_saved = bytes(run.saved[offset // self.page_size:(offset + length) // self.page_size])
-        claimed = self._claim(run, offset, length)
+    async def _copy_window(self, run: Run, offset: int, length: int,
+                           in_flight: trio.Semaphore) -> None:
+        try:
+            claimed = await trio.to_thread.run_sync(_copy_window, run, self.obj.fd, offset,
+                                                    length, self.page_size)
+        finally:
+            in_flight.release()
         for a, b in claimed:
             self._queue_unprotect(a, b - a)
         run.bytes_scanned += length
-        return (buf, offset, was_saved, claimed)
-
-    async def _store_windows(self, run: Run,
-                             windows: trio.MemoryReceiveChannel[tuple[Any, ...]]) -> None:
-        """Overlay pages saved earlier, write what was claimed, checksum the final bytes."""
-        async with windows:
-            async for buf, offset, was_saved, claimed in windows:
-                await trio.to_thread.run_sync(_store_chunk, run.writer, buf, offset, was_saved,
-                                              claimed, self.page_size)
 
     async def _release_all(self, run: Run) -> None:
         run.phase = "releasing"
@@ -923,6 +910,38 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytearray:
             break
         done += n
     return buf
+
+
+def _claim_runs(saved: bytearray, start: int, length: int,
+                page_size: int) -> list[tuple[int, int]]:
+    """Mark the unsaved pages of [start, start+length) saved; return them as byte runs."""
+    first, last = start // page_size, (start + length) // page_size
+    runs: list[tuple[int, int]] = []
+    page = first
+    while page < last:
+        page = _next_zero(saved, page, last)
+        if page >= last:
+            break
+        end = _next_nonzero(saved, page, last)
+        saved[page:end] = b"\x01" * (end - page)
+        runs.append((page * page_size, end * page_size))
+        page = end
+    return runs
+
+
+def _copy_window(run: Run, fd: int, offset: int, length: int,
+                 page_size: int) -> list[tuple[int, int]]:
+    """In a worker thread: read a window, then claim its unsaved pages. Pages still unsaved
+    at the claim were protected everywhere during the read (a page is un-protected only after
+    it is marked saved), so what was read is their content at T; pages saved earlier by a fault
+    are taken from the image (written before they were marked). Store, checksum, and return the
+    claimed runs for un-protecting."""
+    buf = _pread_exact(fd, length, offset)
+    with run.lock:
+        was_saved = bytes(run.saved[offset // page_size:(offset + length) // page_size])
+        claimed = _claim_runs(run.saved, offset, length, page_size)
+    _store_chunk(run.writer, buf, offset, was_saved, claimed, page_size)
+    return claimed
 
 
 def _store_chunk(writer: ImageWriter, buf: bytearray, offset: int, was_saved: bytes,
