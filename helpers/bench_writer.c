@@ -356,13 +356,7 @@ int main(int argc, char **argv)
             g.nthreads = (unsigned)n;
             break;
         }
-        case 'r': {
-            char *end;
-            g.rate = strtod(optarg, &end);
-            if (end == optarg || *end || !(g.rate >= 0))
-                die(2, "--rate: not a non-negative number: %s", optarg);
-            break;
-        }
+        case 'r': g.rate = parse_rate("--rate", optarg); break;
         default: usage();
         }
     }

@@ -189,13 +189,7 @@ int main(int argc, char **argv)
         case 'd': data_pages = parse_u64("--data-pages", optarg); break;
         case 's': page_size = parse_u64("--page-size", optarg); break;
         case 'l': listen_path = optarg; break;
-        case 'r': {
-            char *end;
-            rate = strtod(optarg, &end);
-            if (end == optarg || *end || !(rate >= 0))
-                die(2, "--rate: not a non-negative number: %s", optarg);
-            break;
-        }
+        case 'r': rate = parse_rate("--rate", optarg); break;
         default:
             fputs("usage: preforker --workers N [--data-pages D] [--page-size PS] [--rate R]"
                   " [--listen PATH]\n", stderr);

@@ -57,4 +57,14 @@ static inline uint64_t parse_u64(const char *opt, const char *s)
     return v;
 }
 
+/* Option `opt`'s value `s` as a non-negative number (e.g. a rate per second), or exit 2. */
+static inline double parse_rate(const char *opt, const char *s)
+{
+    char *end;
+    double v = strtod(s, &end);
+    if (end == s || *end || !(v >= 0))
+        die(2, "%s: not a non-negative number: %s", opt, s);
+    return v;
+}
+
 #endif

@@ -189,13 +189,7 @@ int main(int argc, char **argv)
             if (nthreads < 1 || nthreads > MAX_THREADS)
                 die(2, "--threads: not in 1..%d: %s", MAX_THREADS, optarg);
             break;
-        case 'r': {
-            char *end;
-            g.rate = strtod(optarg, &end);
-            if (end == optarg || *end || !(g.rate >= 0))
-                die(2, "--rate: not a non-negative number: %s", optarg);
-            break;
-        }
+        case 'r': g.rate = parse_rate("--rate", optarg); break;
         default: usage();
         }
     }

@@ -69,13 +69,10 @@ class _FaultLog:
         self.hist = LatencyHistogram()
         self.faults = 0
 
-    def seen(self, offset: int, now: int) -> bool:
-        """Record a fault; False if the page already has one pending (a duplicate)."""
+    def seen(self, offset: int, now: int) -> None:
+        """Record a fault; a duplicate keeps the time of the first one pending on its page."""
         self.faults += 1
-        if offset in self.pending:
-            return False
-        self.pending[offset] = now
-        return True
+        self.pending.setdefault(offset, now)
 
     def served(self, ranges: tuple[tuple[int, int], ...], page_size: int, now: int) -> None:
         if not self.pending:

@@ -7,7 +7,6 @@ mappers it finds, waits until each has joined or its target has gone, and reaps 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from uffdsnap.errors import SnapshotFailed
-from uffdsnap.kernel.pidfd import pidfd_open, process_alive
+from uffdsnap.kernel.procmaps import process_running
 
 AGENT_EXIT_TIMEOUT_S = 10.0
 
@@ -31,17 +30,6 @@ class AgentProcess:
 
 def agent_command(coordinator: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "uffdsnap", "agent", "--coordinator", coordinator, *args]
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        fd = pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        return process_alive(fd)
-    finally:
-        os.close(fd)
 
 
 class Attacher:
@@ -79,7 +67,7 @@ class Attacher:
                     if agent.target in have:
                         continue
                     if agent.exited.is_set():
-                        if process_exists(agent.target):
+                        if process_running(agent.target):
                             raise SnapshotFailed(f"cannot attach to pid {agent.target}: "
                                                  f"{_why(agent)}")
                         continue  # the target exited before we got to it

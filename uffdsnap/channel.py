@@ -70,11 +70,6 @@ class Channel:
             raise RemoteProtocolError("expected a file descriptor with the message, got none")
         return self._fds.popleft()
 
-    def peer_pid(self) -> int:
-        """The pid of the process at the other end (SO_PEERCRED)."""
-        creds = self.sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, 12)
-        return int.from_bytes(creds[:4], "little")
-
     def close(self) -> None:
         while self._fds:
             os.close(self._fds.popleft())

@@ -64,8 +64,7 @@ def _enlisted(coordinator: str, sock: socket.socket) -> int:
     """Receive the workload's uffd (one byte + SCM_RIGHTS), join, answer "ok" or "error: ..."."""
     try:
         _data, fds = scm.recv_fds(sock, 16)
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        pid = int.from_bytes(creds[:4], "little")
+        pid = scm.peer_pid(sock)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)

@@ -52,6 +52,12 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], msg_flags: int = 0
     return received
 
 
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[:4], "little")
+
+
 def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     """Send `data` with `fds` attached on a blocking Unix socket."""
     sock.sendmsg([data], fds_ancillary(fds))
