@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -22,12 +23,14 @@ from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.pidfd import pidfd_open
 from uffdsnap.kernel.procmaps import Mapping, ObjectId, process_comm, start_ticks
+from uffdsnap.kernel.snapcore import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
 from uffdsnap.protocol import (
     PROTOCOL_VERSION,
     Abort,
     Delegate,
     Event,
     Fault,
+    FaultChannel,
     Gone,
     Hello,
     Message,
@@ -120,6 +123,7 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
             welcome = await _join(chan, pid, mode)
             obj = ObjectId(welcome.major, welcome.minor, welcome.inode)
             agent.delegate = welcome.delegate
+            agent.page_size = welcome.page_size
             agent.add(Tracker(uffd, pid, obj, welcome.page_size, pidfd=pidfd))
             uffd = pidfd = -1  # the tracker owns them now
             if on_joined is not None:
@@ -146,18 +150,24 @@ class Agent:
         self.ended: list[str] = []
         self._nursery: trio.Nursery | None = None
         self._chan: Channel | None = None
-        # Delegated mode: between protect and release the coordinator reads our uffds
-        # (it holds copies) and we do not.
+        # Between protect and release our Python tasks do not read the uffds: in delegated
+        # mode the coordinator does (it holds copies), otherwise our native core does, which
+        # forwards faults over a fault channel and applies the un-protects that come back.
         self.delegate = False
-        self.delegated_now = False
+        self.lent = False
         self._resumed = trio.Event()
         self._next_ident = 1
+        self.page_size = 0
+        self.core: SnapCore | None = None
+        self._fault_sock: socket.socket | None = None
 
     def add(self, tracker: Tracker) -> None:
         if not tracker.ident:
             tracker.ident = self._next_ident
             self._next_ident += 1
         self.trackers.append(tracker)
+        if self.core is not None:
+            self._lend(self.core, tracker)
         if self._nursery is not None:
             self._nursery.start_soon(self._read_faults, tracker)
             if tracker.pidfd >= 0:
@@ -167,6 +177,12 @@ class Agent:
         """Stop tracking one process (it exited or exec'd away from the object)."""
         if tracker in self.trackers:
             self.trackers.remove(tracker)
+            if self.core is not None:
+                self.core.remove(tracker.ident)
+            # tasks may be waiting on these fds: wake them (they see the tracker gone)
+            trio.lowlevel.notify_closing(tracker.uffd)
+            if tracker.pidfd >= 0:
+                trio.lowlevel.notify_closing(tracker.pidfd)
             tracker.close()
 
     def release_all(self) -> None:
@@ -212,16 +228,24 @@ class Agent:
                 msg = await chan.receive()
                 if isinstance(msg, Protect):
                     self.log.reset()
-                    if self.delegate:
-                        self.delegated_now = True  # stop reading before anything can fault
-                        self._resumed = trio.Event()
+                    self.lent = True  # stop reading before anything can fault
+                    self._resumed = trio.Event()
+                    theirs = None if self.delegate else self._start_core()
                     t0 = monotonic_ns()
                     maps = [m for t in list(self.trackers) for m in self._protect(t)]
                     protect_ns = monotonic_ns() - t0
                     if self.delegate:
                         for t in list(self.trackers):
-                            spans = tuple((m.start, m.length, m.offset) for m in t.mappings)
+                            spans = tuple(t.spans_with_offsets())
                             await chan.send(Delegate(t.ident, t.pid or 0, spans), fds=[t.uffd])
+                    else:
+                        assert theirs is not None and self.core is not None
+                        for t in list(self.trackers):
+                            self.core.set_maps(t.ident, t.spans_with_offsets())
+                        try:
+                            await chan.send(FaultChannel(msg.snapshot), fds=[theirs.fileno()])
+                        finally:
+                            theirs.close()
                     await chan.send(Protected(
                         msg.snapshot, tuple((m.start, m.length, m.offset) for m in maps),
                         protect_ns))
@@ -233,10 +257,11 @@ class Agent:
                 elif isinstance(msg, Event):
                     self._delegated_event(chan, msg)
                 elif isinstance(msg, Release):
+                    self._stop_core()
                     for tracker in list(self.trackers):
                         tracker.release()
-                    if self.delegated_now:
-                        self.delegated_now = False
+                    if self.lent:
+                        self.lent = False
                         self._resumed.set()
                     await chan.send(Released(msg.snapshot, self.log.faults, self.log.hist.buckets(),
                                              self.log.hist.max_ns))
@@ -259,6 +284,84 @@ class Agent:
                     await chan.send(Abort(f"agent for pid {self.pid}: {e}"))
                 except (PeerClosed, ProtocolError, OSError):
                     pass
+
+    # ---- the native core (agents mode) ---------------------------------------------------
+
+    def _start_core(self) -> socket.socket:
+        """Lend every uffd to a native core that forwards faults over a new fault channel;
+        return the coordinator's end of it (to be sent with a `faults` message)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            core = SnapCore.for_agent(self.page_size)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        self.core, self._fault_sock = core, ours
+        core.forward(FORWARD_IDENT, ours.fileno())
+        for tracker in list(self.trackers):
+            self._lend(core, tracker)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._core_events, core)
+        return theirs
+
+    def _lend(self, core: SnapCore, tracker: Tracker) -> None:
+        ident = tracker.ident
+        tracker.drain = lambda: core.drain(ident)
+        core.add(ident, tracker.uffd, tracker.spans_with_offsets())
+
+    def _stop_core(self) -> None:
+        """Take the uffds back: what the core read but did not handle goes to the backlogs
+        (handled in order once we read again); its fault counts go into our log."""
+        core, self.core = self.core, None
+        if core is None:
+            return
+        core.stop()
+        by_ident = {t.ident: t for t in self.trackers}
+        events = [e for e in core.take_events() if e.kind == SC_EVENT]
+        for tracker in self.trackers:
+            tracker.drain = None
+            msgs = [e.msg for e in events if e.ident == tracker.ident]
+            msgs += core.take_pending(tracker.ident)
+            tracker.backlog.extend(K.decode_message(m) for m in msgs)
+        for e in events:  # a dropped tracker's fork event: nobody will serve that child
+            event = K.decode_message(e.msg)
+            if e.ident not in by_ident and isinstance(event, K.Fork):
+                os.close(event.uffd)
+        stats = core.stats()
+        self.log.faults += stats.faults
+        self.log.hist.merge(stats.service_buckets, stats.service_max_ns)
+        trio.lowlevel.notify_closing(core.notify_fd)  # wakes _core_events, which then ends
+        core.close()
+        if self._fault_sock is not None:
+            self._fault_sock.close()
+            self._fault_sock = None
+
+    async def _core_events(self, core: SnapCore) -> None:
+        """Handle what the core cannot: fork/mremap/munmap/remove events (each pauses its uffd
+        until handled here), processes gone, a broken fault channel."""
+        while self.core is core:
+            try:
+                await trio.lowlevel.wait_readable(core.notify_fd)
+            except trio.ClosedResourceError:
+                return  # the snapshot is over (_stop_core)
+            if self.core is not core:
+                return
+            for ev in core.take_events():
+                tracker = next((t for t in self.trackers if t.ident == ev.ident), None)
+                if ev.kind == SC_FAILED:
+                    self._end(f"fault channel: {describe_error(ev.err)}")
+                    return
+                if ev.kind == SC_GONE:
+                    if tracker is not None:
+                        self.drop(tracker)  # exited or exec'd
+                    continue  # (the channel: the coordinator closed it or is gone)
+                if tracker is None:
+                    continue
+                await self._event(tracker, K.decode_message(ev.msg))
+                if self.core is core and tracker in self.trackers:
+                    core.set_maps(tracker.ident, tracker.spans_with_offsets())
+                    core.resume(tracker.ident)
 
     def _delegated_event(self, chan: Channel, msg: Event) -> None:
         """An event the coordinator read from one of our uffds while delegated: apply it as if
@@ -310,14 +413,17 @@ class Agent:
         """Read this process's uffd: forward faults, follow fork/remap/unmap/remove."""
         while tracker in self.trackers:
             if not tracker.backlog:
-                if self.delegated_now:
+                if self.lent:
                     await self._resumed.wait()
                     continue
                 # Events drained during an EAGAIN retry wait in the backlog: look again soon.
                 with trio.move_on_after(0.05):
-                    await trio.lowlevel.wait_readable(tracker.uffd)
-                if self.delegated_now:
-                    continue  # delegation began while we waited: the coordinator reads now
+                    try:
+                        await trio.lowlevel.wait_readable(tracker.uffd)
+                    except trio.ClosedResourceError:
+                        return  # dropped
+                if self.lent:
+                    continue  # lent while we waited: the coordinator or our core reads now
                 try:
                     tracker.backlog.extend(K.read_events(tracker.uffd))
                 except KernelError:
@@ -376,7 +482,10 @@ class Agent:
     async def _watch_exit(self, tracker: Tracker) -> None:
         if tracker.pidfd < 0:
             return
-        await trio.lowlevel.wait_readable(tracker.pidfd)
+        try:
+            await trio.lowlevel.wait_readable(tracker.pidfd)
+        except trio.ClosedResourceError:
+            pass  # dropped meanwhile (its address space was found gone): the same end
         self.drop(tracker)
         if not self.trackers:
             await self._send(Gone("process exited"))
@@ -397,6 +506,7 @@ class Agent:
 
 
 CHILD_SEARCH_S = 2.0
+FORWARD_IDENT = 0  # the core's name for the fault channel (trackers are 1, 2, ...)
 
 
 def _new_child(parent: int, known: set[int | None], since: int) -> int | None:

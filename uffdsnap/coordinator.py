@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from uffdsnap.kernel.procmaps import (
     process_comm,
     process_running,
 )
+from uffdsnap.kernel.snapcore import SC_FAILED, SC_GONE, SnapCore, describe_error
 from uffdsnap.protocol import (
     MAX_RANGES,
     PROTOCOL_VERSION,
@@ -47,6 +47,7 @@ from uffdsnap.protocol import (
     Delegate,
     Event,
     Fault,
+    FaultChannel,
     Gone,
     Hello,
     Protect,
@@ -93,6 +94,7 @@ class Peer:
     send_error: str = ""
     children: tuple[int, ...] = ()  # descendants it tracks (forked while protected)
     delegated: list[Tracker] = field(default_factory=list)  # our copies of its uffds
+    fault_channel: int = -1  # our end of its fault channel (agents mode), during a snapshot
 
     @property
     def pids(self) -> set[int]:
@@ -113,10 +115,10 @@ class Run:
 
     id: int
     writer: ImageWriter
-    npages: int
-    page_size: int
+    # The native data path: the `saved` page map, image writes, window copies, and the
+    # service of delegated faults (helpers/snapcore.c).
+    core: SnapCore
     phase: str = "joining"  # joining -> protecting -> copying -> releasing
-    saved: bytearray = field(init=False)
     held: list[tuple[Peer, int, int]] = field(default_factory=list)
     failure: str | None = None
     failed: trio.Event = field(default_factory=trio.Event)
@@ -125,17 +127,17 @@ class Run:
     gone: list[dict[str, Any]] = field(default_factory=list)
     faults: int = 0
     duplicate_faults: int = 0
-    fault_pages_saved: int = 0
     bytes_scanned: int = 0
     held_wait_max_ns: int = 0
     protect_started_ns: int = 0
-    delegated_service: LatencyHistogram = field(default_factory=LatencyHistogram)
-    # Guards `saved` (and the image write that precedes marking a page saved) between the event
-    # loop's fault path and the copy workers, which claim pages from their threads.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Delegated uffds and fault channels the core serves, by the core's name for them.
+    delegated: dict[int, tuple[Peer, Tracker]] = field(default_factory=dict)
+    channels: dict[int, Peer] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.saved = bytearray(self.npages)
+    @property
+    def saved(self) -> memoryview:
+        """One byte per page, 1 once the page's content at T is in the image."""
+        return self.core.saved
 
     def fail(self, reason: str) -> None:
         if self.failure is None:
@@ -171,6 +173,7 @@ class Coordinator:
         # faults and un-protect directly, with no message round trips.
         self.delegate = delegate
         self._next_child_ident = 1 << 32
+        self._next_core_ident = 1
         self._nursery: trio.Nursery | None = None
         # Test hooks (never set in normal use): deliberately wrong behaviours that prove the
         # checker catches them, and pauses at a phase so tests can kill a process there.
@@ -252,6 +255,7 @@ class Coordinator:
                        if peer.send_error else "")
         finally:
             self._close_delegated(peer)
+            self._close_channel(peer)
             os.close(pidfd)
 
     async def _send_loop(self, peer: Peer, outbox: trio.MemoryReceiveChannel[Any],
@@ -348,6 +352,8 @@ class Coordinator:
                 peer.released.set()
             elif isinstance(msg, Delegate):
                 self._take_delegate(peer, msg, peer.chan.take_fd())
+            elif isinstance(msg, FaultChannel):
+                self._take_channel(peer, msg, peer.chan.take_fd())
             elif isinstance(msg, Tracked):
                 peer.children = tuple(p for p in msg.pids if p != peer.pid)
                 self._changed()
@@ -398,15 +404,11 @@ class Coordinator:
     def _save_page(self, run: Run, page: int) -> None:
         """Copy one page from the object into the image, then un-protect it everywhere. A copy
         worker may have claimed it meanwhile: then it holds the page's content at T already."""
-        offset = page * self.page_size
-        with run.lock:
-            if run.saved[page]:
-                return
-            data = os.pread(self.obj.fd, self.page_size, offset)
-            run.writer.write(offset, data)
-            run.saved[page] = 1
-        run.fault_pages_saved += 1
-        self._queue_unprotect(offset, self.page_size)
+        try:
+            if run.core.save_page(page):
+                self._queue_unprotect(page * self.page_size, self.page_size)
+        except KernelError as e:
+            run.fail(f"saving a faulting page: {e}")
 
     def _unprotect_one(self, peer: Peer, offset: int) -> None:
         try:
@@ -422,10 +424,47 @@ class Coordinator:
         self._pending_unprotect.append((offset, length))
         self._unprotect_ready.set()
 
+    # ---- fault channels (agents mode) ---------------------------------------------------------
+
+    def _take_channel(self, peer: Peer, msg: FaultChannel, sock: int) -> None:
+        """The agent's core forwards its faults over `sock`; ours serves them."""
+        run = self.run
+        if run is None or run.id != msg.snapshot or run.phase == "releasing":
+            os.close(sock)
+            return
+        self._close_channel(peer)
+        key = self._next_core_ident
+        self._next_core_ident += 1
+        peer.fault_channel = sock
+        run.channels[key] = peer
+        try:
+            run.core.add_channel(key, sock)
+        except KernelError as e:
+            run.fail(f"serving faults of pid {peer.pid}: {e}")
+
+    def _close_channel(self, peer: Peer) -> None:
+        if peer.fault_channel < 0:
+            return
+        run = self.run
+        if run is not None:
+            for key, p in list(run.channels.items()):
+                if p is peer:
+                    run.core.remove(key)
+                    del run.channels[key]
+        os.close(peer.fault_channel)
+        peer.fault_channel = -1
+
+    def _channel_lost(self, run: Run, peer: Peer) -> None:
+        """A fault channel ended: fine if the agent's processes are gone, otherwise its
+        writers would wait for un-protects that cannot come."""
+        self._close_channel(peer)
+        if peer in run.peers and not peer.released.is_set() and peer.any_alive():
+            run.fail(f"agent for pid {peer.pid} ({peer.comm}) lost: its fault channel closed")
+
     # ---- delegated mode ----------------------------------------------------------------------
 
     def _take_delegate(self, peer: Peer, msg: Delegate, uffd: int) -> None:
-        """Keep a copy of one of the agent's uffds and start reading it."""
+        """Keep a copy of one of the agent's uffds; the native core serves its faults."""
         maps = [Mapping(a, a + n, "rw-s", off, self.obj.object_id, "")
                 for a, n, off in msg.mappings]
         tracker = Tracker(uffd, msg.pid or None, self.obj.object_id, self.page_size, maps,
@@ -434,45 +473,71 @@ class Coordinator:
 
     def _adopt_delegated(self, peer: Peer, tracker: Tracker) -> None:
         peer.delegated.append(tracker)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._read_delegated, peer, tracker)
+        run = self.run
+        if run is None or run.phase == "releasing":
+            self._drop_delegated(peer, tracker)  # nothing to serve: the agent keeps its own
+            return
+        key = self._next_core_ident
+        self._next_core_ident += 1
+        run.delegated[key] = (peer, tracker)
+        # Our ioctls on it that meet EAGAIN hand its messages to the core, the one reader.
+        tracker.drain = lambda: run.core.drain(key)
+        try:
+            run.core.add(key, tracker.uffd, tracker.spans_with_offsets())
+        except KernelError as e:
+            run.fail(f"serving faults of pid {tracker.pid}: {e}")
+
+    def _drop_delegated(self, peer: Peer, tracker: Tracker) -> None:
+        """Stop serving one delegated uffd and close our copy (if the agent is gone too, that
+        releases its process)."""
+        run = self.run
+        if run is not None:
+            for key, (_, t) in list(run.delegated.items()):
+                if t is tracker:
+                    run.core.remove(key)
+                    del run.delegated[key]
+        if tracker in peer.delegated:
+            peer.delegated.remove(tracker)
+        tracker.close()
 
     def _close_delegated(self, peer: Peer) -> None:
-        """Drop our copies of the peer's uffds. If the agent is gone, ours were the last
-        references: closing them releases its processes."""
-        for tracker in peer.delegated:
-            trio.lowlevel.notify_closing(tracker.uffd)
-            tracker.close()
-        peer.delegated.clear()
+        for tracker in list(peer.delegated):
+            self._drop_delegated(peer, tracker)
 
-    def _unprotect_delegated(self, peer: Peer, tracker: Tracker, offset: int,
-                             length: int) -> None:
+    async def _core_events(self, run: Run) -> None:
+        """Handle what the native core cannot: fork/mremap/munmap/MADV_REMOVE events (each
+        pauses its uffd until handled here), processes gone, failures."""
+        while True:
+            await trio.lowlevel.wait_readable(run.core.notify_fd)
+            for ev in run.core.take_events():
+                entry = run.delegated.get(ev.ident)
+                peer = entry[0] if entry else run.channels.get(ev.ident)
+                if ev.kind == SC_FAILED:
+                    who = f" of pid {peer.pid}" if peer else ""
+                    run.fail(f"serving faults{who}: {describe_error(ev.err)}")
+                elif ev.kind == SC_GONE and ev.ident in run.channels:
+                    self._channel_lost(run, run.channels[ev.ident])
+                elif entry is None:
+                    continue
+                elif ev.kind == SC_GONE:  # exited or exec'd: nothing left to protect there
+                    self._drop_delegated(*entry)
+                else:
+                    self._core_event(run, ev.ident, *entry, K.decode_message(ev.msg))
+
+    def _core_event(self, run: Run, key: int, peer: Peer, tracker: Tracker,
+                    event: K.UffdEvent) -> None:
         try:
-            tracker.unprotect(offset, length)
+            self._delegated_event(peer, tracker, event)
+            run.core.set_maps(key, tracker.spans_with_offsets())
         except KernelError as e:
-            if e.errno not in GONE and self.run is not None:
-                self.run.fail(f"un-protecting in pid {tracker.pid}: {e}")
-            peer.delegated.remove(tracker)  # its process exited or exec'd (or is unusable)
-            trio.lowlevel.notify_closing(tracker.uffd)
-            tracker.close()
-
-    async def _read_delegated(self, peer: Peer, tracker: Tracker) -> None:
-        try:
-            while tracker in peer.delegated:
-                if not tracker.backlog:
-                    await trio.lowlevel.wait_readable(tracker.uffd)
-                    if tracker not in peer.delegated:
-                        return
-                    tracker.backlog.extend(K.read_events(tracker.uffd))
-                while tracker.backlog and tracker in peer.delegated:
-                    self._delegated_event(peer, tracker, tracker.backlog.popleft())
-        except (trio.ClosedResourceError, KernelError):
-            return
+            if e.errno in GONE:
+                self._drop_delegated(peer, tracker)
+                return
+            run.fail(f"following pid {tracker.pid}: {e}")
+        run.core.resume(key)
 
     def _delegated_event(self, peer: Peer, tracker: Tracker, event: K.UffdEvent) -> None:
-        if isinstance(event, K.PageFault):
-            self._delegated_fault(peer, tracker, event)
-        elif isinstance(event, K.Fork):
+        if isinstance(event, K.Fork):
             child = Tracker(event.uffd, None, tracker.object_id, tracker.page_size,
                             list(tracker.mappings), list(tracker.registered), tracker.protected,
                             ident=self._next_child_ident)
@@ -499,47 +564,17 @@ class Coordinator:
             if self.run is not None:
                 self.run.fail(f"agent for pid {peer.pid} fell behind on events")
 
-    def _delegated_fault(self, peer: Peer, tracker: Tracker, fault: K.PageFault) -> None:
-        seen = monotonic_ns()
-        offset = tracker.offset_of(fault.address)
-        if offset is None:  # not the object (moved away under us): never leave it waiting
-            page = fault.address - fault.address % tracker.page_size
-            tracker._call(K.wake, tracker.uffd, page, tracker.page_size)
-            return
-        run = self.run
-        if run is None or run.phase in ("releasing", "joining"):
-            self._unprotect_delegated(peer, tracker, offset, self.page_size)
-            return
-        run.faults += 1
-        if run.phase == "protecting":
-            run.held.append((peer, offset, seen))
-            return
-        page = offset // self.page_size
-        if run.saved[page]:
-            run.duplicate_faults += 1
-        else:
-            self._save_page(run, page)
-        # the waiting writer's process at once; the other processes with the next batch (a
-        # write there to the saved page meanwhile faults and is answered from `saved`)
-        self._unprotect_delegated(peer, tracker, offset, self.page_size)
-        run.delegated_service.record(monotonic_ns() - seen)
-
     async def _broadcast_unprotects(self) -> None:
-        """Apply queued un-protects everywhere, coalesced: directly through the uffds delegated
-        to us, and in as few messages as possible to the other agents."""
+        """Tell the agents about queued saved ranges, coalesced, in as few messages as possible
+        (not those the core reaches itself: delegated uffds and fault channels)."""
         while True:
             await self._unprotect_ready.wait()
             self._unprotect_ready = trio.Event()
             ranges, self._pending_unprotect = coalesce(self._pending_unprotect), []
-            for peer in list(self.peers):
-                for tracker in list(peer.delegated):
-                    for offset, length in ranges:
-                        if tracker in peer.delegated:
-                            self._unprotect_delegated(peer, tracker, offset, length)
             for start in range(0, len(ranges), MAX_RANGES):
                 msg = Unprotect(tuple(ranges[start:start + MAX_RANGES]))
                 for peer in list(self.peers):
-                    if _unprotectable(peer) and not peer.delegated:
+                    if _unprotectable(peer) and not peer.delegated and peer.fault_channel < 0:
                         await self._post(peer, msg)
 
     # ---- the snapshot ----------------------------------------------------------------------
@@ -548,7 +583,12 @@ class Coordinator:
         """Take one snapshot into `output`; return its summary or raise SnapshotFailed."""
         async with self._snapshot_lock:
             writer = ImageWriter(output, self.obj.size, self.page_size, overwrite=overwrite)
-            run = Run(self._next_id, writer, self.npages, self.page_size)
+            try:
+                core = SnapCore(self.obj.fd, writer.fd, self.obj.size, self.page_size)
+            except BaseException:
+                writer.abort()
+                raise
+            run = Run(self._next_id, writer, core)
             self._next_id += 1
             self.run = run
             self._paused.clear()
@@ -561,6 +601,7 @@ class Coordinator:
                 raise
             finally:
                 self.run = None
+                core.close()
 
     async def _take(self, run: Run) -> dict[str, Any]:
         t_start = monotonic_ns()
@@ -568,12 +609,14 @@ class Coordinator:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_cancel_on, run.failed, scope)
+                    nursery.start_soon(self._core_events, run)
                     if self.attacher is not None:
                         await self._attach(self._untracked_writers(self.peers))
                     await self._test_pause("joining")
                     await self._protect_all(run)
                     t_mono, t_wall = monotonic_ns(), time.time_ns()
                     run.phase = "copying"
+                    run.core.go()  # the delegated faults held until T, then all as they come
                     await self._test_pause("copying")
                     await self._copy(run)
                     await self._test_pause("finishing")
@@ -698,16 +741,12 @@ class Coordinator:
     async def _copy(self, run: Run) -> None:
         """Held faults first, then every remaining page in large chunks."""
         now = monotonic_ns()
-        for peer, offset, seen_ns in run.held:
+        for _peer, offset, seen_ns in run.held:
             run.held_wait_max_ns = max(run.held_wait_max_ns, now - seen_ns)
-            if not run.saved[offset // self.page_size]:
-                self._save_page(run, offset // self.page_size)
-            if peer.delegated:
-                run.delegated_service.record(monotonic_ns() - seen_ns)
+            self._save_page(run, offset // self.page_size)
         run.held.clear()
-        # Each window is read, claimed and stored by one worker thread, two windows in flight.
-        # 1 MiB windows: 4 MiB ones measured worse for fault service (longer synchronous claims
-        # and un-protects in the event loop) and no better for copy throughput.
+        # Each window is read, claimed and stored by the core in a worker thread (the GIL
+        # released), two windows in flight.
         in_flight = trio.Semaphore(COPY_WORKERS)
         async with trio.open_nursery() as nursery:
             for start, length, is_data in copy_windows(self.obj.fd, self.obj.size,
@@ -725,19 +764,17 @@ class Coordinator:
     def _claim_hole(self, run: Run, start: int, length: int) -> None:
         """A hole now was a hole at T (a page filled since then faulted and was saved): it is
         zero in the image already; un-protect its unsaved pages."""
-        for a, b in self._claim(run, start, length):
-            self._queue_unprotect(a, b - a)
-
-    def _claim(self, run: Run, start: int, length: int) -> list[tuple[int, int]]:
-        """Mark unsaved pages of [start, start+length) saved; return them as runs (start, end)."""
-        with run.lock:
-            return _claim_runs(run.saved, start, length, self.page_size)
+        for piece in range(start, start + length, HOLE_CLAIM_BYTES):
+            for a, b in run.core.claim(piece, min(HOLE_CLAIM_BYTES, start + length - piece)):
+                self._queue_unprotect(a, b - a)
 
     async def _copy_window(self, run: Run, offset: int, length: int,
                            in_flight: trio.Semaphore) -> None:
         try:
-            claimed = await trio.to_thread.run_sync(_copy_window, run, self.obj.fd, offset,
-                                                    length, self.page_size)
+            claimed = await trio.to_thread.run_sync(_copy_window, run, offset, length)
+        except KernelError as e:
+            run.fail(f"copying: {e}")
+            return
         finally:
             in_flight.release()
         for a, b in claimed:
@@ -746,8 +783,10 @@ class Coordinator:
 
     async def _release_all(self, run: Run) -> None:
         run.phase = "releasing"
+        run.core.stop()
         for peer in self.peers:
             self._close_delegated(peer)  # before the agents read their uffds again
+            self._close_channel(peer)
         for peer in run.peers:
             if peer.chan.conn.state.value in ("protecting", "active"):
                 try:
@@ -766,8 +805,9 @@ class Coordinator:
 
     def _summary(self, run: Run, t_start: int, t_mono: int, t_wall: int,
                  t_copied: int) -> dict[str, Any]:
+        core = run.core.stats()
         hist = LatencyHistogram()
-        hist.merge(run.delegated_service.buckets(), run.delegated_service.max_ns)
+        hist.merge(core.service_buckets, core.service_max_ns)
         for peer in run.peers:
             if peer.release_stats is not None:
                 hist.merge(peer.release_stats.service_hist, peer.release_stats.service_max_ns)
@@ -784,10 +824,10 @@ class Coordinator:
             "join_ns": (run.protect_started_ns or t_mono) - t_start,
             "protect_phase_ns": t_mono - (run.protect_started_ns or t_mono),
             "kernel_protect_max_ns": max((p.protect_ns for p in run.peers), default=0),
-            "start_pause_max_ns": run.held_wait_max_ns,
-            "faults": run.faults,
-            "duplicate_faults": run.duplicate_faults,
-            "pages_saved_by_faults": run.fault_pages_saved,
+            "start_pause_max_ns": max(run.held_wait_max_ns, core.held_wait_max_ns),
+            "faults": run.faults + core.faults,
+            "duplicate_faults": run.duplicate_faults + core.duplicates,
+            "pages_saved_by_faults": core.fault_pages_saved,
             "fault_service": hist.summary(),
             "bytes_scanned": run.bytes_scanned,
             "copy_ns": t_copied - t_mono,
@@ -827,6 +867,7 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
 
 
 FORK_REPORT_GRACE_S = 2.0
+HOLE_CLAIM_BYTES = 64 << 20  # holes are claimed in pieces: the core returns runs per piece
 
 
 def _is_hole(fd: int, offset: int) -> bool:
@@ -862,16 +903,6 @@ def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _next_zero(buf: bytearray, start: int, stop: int) -> int:
-    i = buf.find(0, start, stop)
-    return stop if i < 0 else i
-
-
-def _next_nonzero(buf: bytearray, start: int, stop: int) -> int:
-    i = buf.find(1, start, stop)
-    return stop if i < 0 else i
-
-
 def _unprotectable(peer: Peer) -> bool:
     return peer.chan.conn.state.value in ("active", "releasing")
 
@@ -900,63 +931,11 @@ def copy_windows(fd: int, size: int, page_size: int,
         pos = end
 
 
-def _pread_exact(fd: int, length: int, offset: int) -> bytearray:
+def _copy_window(run: Run, offset: int, length: int) -> list[tuple[int, int]]:
+    """In a worker thread: the core reads the window, claims its unsaved pages, fills in those
+    saved earlier from the image and stores the claimed ones; here its content at T is
+    checksummed. Returns the claimed runs for un-protecting."""
     buf = bytearray(length)
-    view = memoryview(buf)
-    done = 0
-    while done < length:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:  # the object shrank: what is beyond its end reads as zeros
-            break
-        done += n
-    return buf
-
-
-def _claim_runs(saved: bytearray, start: int, length: int,
-                page_size: int) -> list[tuple[int, int]]:
-    """Mark the unsaved pages of [start, start+length) saved; return them as byte runs."""
-    first, last = start // page_size, (start + length) // page_size
-    runs: list[tuple[int, int]] = []
-    page = first
-    while page < last:
-        page = _next_zero(saved, page, last)
-        if page >= last:
-            break
-        end = _next_nonzero(saved, page, last)
-        saved[page:end] = b"\x01" * (end - page)
-        runs.append((page * page_size, end * page_size))
-        page = end
-    return runs
-
-
-def _copy_window(run: Run, fd: int, offset: int, length: int,
-                 page_size: int) -> list[tuple[int, int]]:
-    """In a worker thread: read a window, then claim its unsaved pages. Pages still unsaved
-    at the claim were protected everywhere during the read (a page is un-protected only after
-    it is marked saved), so what was read is their content at T; pages saved earlier by a fault
-    are taken from the image (written before they were marked). Store, checksum, and return the
-    claimed runs for un-protecting."""
-    buf = _pread_exact(fd, length, offset)
-    with run.lock:
-        was_saved = bytes(run.saved[offset // page_size:(offset + length) // page_size])
-        claimed = _claim_runs(run.saved, offset, length, page_size)
-    _store_chunk(run.writer, buf, offset, was_saved, claimed, page_size)
+    claimed = run.core.copy_window(offset, length, buf)
+    run.writer.record_extent(offset, length, extent_checksum(buf))
     return claimed
-
-
-def _store_chunk(writer: ImageWriter, buf: bytearray, offset: int, was_saved: bytes,
-                 claimed: list[tuple[int, int]], page_size: int) -> None:
-    view = memoryview(buf)
-    page = 0
-    while page < len(was_saved):
-        page = was_saved.find(1, page)
-        if page < 0:
-            break
-        end = was_saved.find(0, page)
-        end = len(was_saved) if end < 0 else end
-        a, b = page * page_size, end * page_size
-        view[a:b] = writer.read(offset + a, b - a)
-        page = end
-    for a, b in claimed:
-        writer.write(a, view[a - offset:b - offset])
-    writer.record_extent(offset, len(buf), extent_checksum(view))

@@ -602,6 +602,19 @@ def container_facts(status: dict[str, str]) -> dict[str, Any]:
     return {"likely": bool(signs), "signs": signs, "user_namespace": userns, "seccomp": seccomp}
 
 
+def check_native_core() -> Check:
+    """The coordinator's and agents' data path is C (helpers/snapcore.c), built on first use."""
+    from uffdsnap.errors import UserError
+    from uffdsnap.kernel import snapcore
+
+    try:
+        snapcore.load()
+    except (UserError, OSError) as e:
+        return Check("native core", False, REQUIRED, str(e),
+                     "install a C compiler (e.g. `apt-get install gcc libc6-dev`)")
+    return Check("native core", True, REQUIRED, "helpers/snapcore.c builds and loads")
+
+
 # ---- everything -----------------------------------------------------------------------------
 
 
@@ -638,6 +651,7 @@ def diagnose(timeout: float = 10.0) -> Diagnosis:
                             "skipped: needs a working uffd route and the required features",
                             skipped=True))
 
+    checks.append(check_native_core())
     ptrace, ptrace_facts = check_ptrace(status)
     checks += [ptrace, probe_pidfd_getfd(timeout), check_unprivileged_targets(routes)]
     hugetlb, huge_facts = check_hugetlb()

@@ -23,6 +23,9 @@ from pathlib import Path
 from uffdsnap.errors import UserError
 
 CFLAGS: tuple[str, ...] = ("-O2", "-Wall", "-Werror", "-std=gnu11", "-pthread")
+# Extra flags for a helper built as a shared library (loaded with ctypes) instead of a program.
+LIBRARY_FLAGS: tuple[str, ...] = ("-shared", "-fPIC")
+LIBS: tuple[str, ...] = ("-lm",)
 
 
 def helpers_dir() -> Path:
@@ -78,18 +81,19 @@ def cache_dir() -> Path:
                     f"{tmp})")
 
 
-def _build_key(cc: str, source: Path) -> str:
+def _build_key(cc: str, source: Path, flags: tuple[str, ...]) -> str:
     """Hash of everything that determines the binary: compiler, flags, source, shared headers."""
     h = hashlib.sha256()
-    h.update(cc.encode() + b"\0" + " ".join(CFLAGS).encode() + b"\0")
+    h.update(cc.encode() + b"\0" + " ".join(flags).encode() + b"\0")
     h.update(source.read_bytes())
     for header in sorted(source.parent.glob("*.h")):
         h.update(b"\0" + header.name.encode() + b"\0" + header.read_bytes())
     return h.hexdigest()[:16]
 
 
-def build(name: str) -> Path:
+def build(name: str, *, library: bool = False) -> Path:
     """Compile helpers/<name>.c (unless an up-to-date cached binary exists); return its path.
+    With `library`, build a shared library (lib<name>-<key>.so) for ctypes instead of a program.
 
     Raises UserError, one line, when the source is missing, there is no compiler, or it fails.
     """
@@ -100,15 +104,17 @@ def build(name: str) -> Path:
         raise UserError(f"no helper source {source}")
     cc = compiler()
     out_dir = cache_dir()
-    target = out_dir / f"{name}-{_build_key(cc, source)}"
+    flags = (*CFLAGS, *LIBRARY_FLAGS) if library else CFLAGS
+    stem = f"lib{name}" if library else name
+    target = out_dir / f"{stem}-{_build_key(cc, source, flags)}{'.so' if library else ''}"
     if os.access(target, os.X_OK):
         return target
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=out_dir)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}-", suffix=".tmp", dir=out_dir)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        cmd = [cc, *CFLAGS, "-I", str(source.parent), "-o", str(tmp), str(source)]
+        cmd = [cc, *flags, "-I", str(source.parent), "-o", str(tmp), str(source), *LIBS]
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or \
@@ -119,7 +125,7 @@ def build(name: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     if out_dir == _in_tree_cache():  # shared caches may serve other checkouts: leave them be
-        _prune(out_dir, name, keep=target)
+        _prune(out_dir, stem, keep=target)
     return target
 
 

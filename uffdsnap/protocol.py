@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_RANGES = 4096
 MAX_TEXT = 4096
@@ -162,6 +162,19 @@ class Delegate(Message):
 
 
 @dataclass(frozen=True)
+class FaultChannel(Message):
+    """Agents mode: here is (with this message, SCM_RIGHTS) one end of a socket pair. Until
+    `release`, the agent sends its `fault`s over it and the coordinator answers with
+    `unprotect`s of one range each, both in the fixed encoding of docs/protocol.md, so native
+    code on both ends can serve a fault with no interpreter in between."""
+
+    TYPE = "faults"
+    KINDS = {"snapshot": "u"}
+    fds = 1
+    snapshot: int
+
+
+@dataclass(frozen=True)
 class Event(Message):
     """Delegated mode: a uffd event the coordinator read for the agent's `tracker`. `kind` is
     "fork" (the child's uffd travels with the message; the agent calls it `child`), "remap"
@@ -237,7 +250,7 @@ class Result(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, Welcome, Protect, Protected, Fault, Unprotect, Release, Released,
-                        Delegate, Event, Tracked, Removed, Gone, Abort, Snap, Result)
+                        Delegate, FaultChannel, Event, Tracked, Removed, Gone, Abort, Snap, Result)
 }
 
 # ---- states ---------------------------------------------------------------------------------
@@ -268,6 +281,7 @@ TRANSITIONS: dict[tuple[Role, str, State], State] = {
     (_A, "fault", _S.ACTIVE): _S.ACTIVE,
     (_A, "fault", _S.RELEASING): _S.RELEASING,
     (_A, "delegate", _S.PROTECTING): _S.PROTECTING,
+    (_A, "faults", _S.PROTECTING): _S.PROTECTING,
     (_C, "event", _S.PROTECTING): _S.PROTECTING,
     (_C, "event", _S.ACTIVE): _S.ACTIVE,
     (_C, "event", _S.RELEASING): _S.RELEASING,

@@ -54,6 +54,9 @@ class Tracker:
     registered_since: int = 0
     ident: int = 0  # the agent's name for it on the wire (delegated mode)
     never_writable: set[tuple[int, int]] = field(default_factory=set)
+    # Who reads this uffd's messages when an ioctl meets EAGAIN: by default we do (into
+    # `backlog`); a coordinator's native core, the only reader of a delegated uffd, sets its own.
+    drain: Callable[[], int] | None = None
 
     def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Run one uffd ioctl; while a fork/remap/remove event is pending the kernel answers
@@ -65,9 +68,13 @@ class Tracker:
             except KernelError as e:
                 if e.errno != errno.EAGAIN:
                     raise
-            events = K.read_events(self.uffd)
-            self.backlog.extend(events)
-            if not events:
+            if self.drain is not None:
+                got = self.drain()
+            else:
+                events = K.read_events(self.uffd)
+                self.backlog.extend(events)
+                got = len(events)
+            if not got:
                 time.sleep(0.0001)
         raise KernelError("uffd ioctl", errno.EAGAIN, f"uffd={self.uffd}",
                           "an event stayed pending; the process is changing its mappings")
@@ -167,6 +174,11 @@ class Tracker:
             if lo < hi:
                 out.append((m.start + lo - m.offset, hi - lo))
         return out
+
+    def spans_with_offsets(self) -> list[tuple[int, int, int]]:
+        """Every mapping as (address, length, object offset): what the wire and the native
+        core take."""
+        return [(m.start, m.length, m.offset) for m in self.mappings]
 
     def unprotect(self, offset: int, length: int) -> None:
         """Un-protect object range [offset, offset+length) in every mapping, waking waiters.

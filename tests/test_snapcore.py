@@ -1,0 +1,195 @@
+"""The native core (helpers/snapcore.c via uffdsnap.kernel.snapcore) against the real kernel.
+
+A separate writer process (test_kernel_uffd's process A) maps a memfd and hands us its uffd; the
+core serves its faults the way the coordinator (delegated mode) and an agent (agents mode) use
+it. Fault-channel frames are checked against the Python protocol decoder, byte for byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from test_kernel_uffd import PAGE, QUIET, SIZE, TIMEOUT, Writer, needs_root
+
+from uffdsnap import protocol
+from uffdsnap.kernel import uffd as K
+from uffdsnap.kernel.snapcore import SC_FAILED, SnapCore
+
+
+def _str(s: str) -> bytes:
+    return bytes([0xA0 | len(s)]) + s.encode()
+
+
+def fixed_frame(kind: str, **values: int | tuple[int, int]) -> bytes:
+    """A message in the fault channel's fixed encoding (docs/protocol.md): a msgpack map whose
+    integers are all uint64 (0xcf), framed like every protocol message."""
+    body = bytes([0x80 | (len(values) + 1)]) + _str("t") + _str(kind)
+    for key, v in values.items():
+        body += _str(key)
+        if isinstance(v, tuple):  # one range
+            body += b"\x91\x92" + b"".join(b"\xcf" + struct.pack(">Q", x) for x in v)
+        else:
+            body += b"\xcf" + struct.pack(">Q", v)
+    return struct.pack(">I", len(body)) + body
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    sock.settimeout(TIMEOUT)
+    head = sock.recv(4, socket.MSG_WAITALL)
+    (n,) = struct.unpack(">I", head)
+    return head + sock.recv(n, socket.MSG_WAITALL)
+
+
+@pytest.fixture
+def memfd() -> Iterator[int]:
+    fd = os.memfd_create("snapcore-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, SIZE)
+    for page in range(SIZE // PAGE):
+        os.pwrite(fd, bytes([page + 1]) * PAGE, page * PAGE)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def image(tmp_path: object) -> Iterator[int]:
+    fd = os.open(os.path.join(str(tmp_path), "img"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, SIZE)
+    yield fd
+    os.close(fd)
+
+
+def test_copy_window_keeps_content_at_t_and_leaves_zero_pages_holes(memfd: int,
+                                                                   image: int) -> None:
+    os.pwrite(memfd, bytes(PAGE), 1 * PAGE)  # page 1 all zero
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    try:
+        assert core.save_page(3) is True  # as a fault would, before the scan reaches it
+        assert core.save_page(3) is False
+        os.pwrite(memfd, b"\xee" * PAGE, 3 * PAGE)  # written after it was saved
+        buf = bytearray(SIZE)
+        runs = core.copy_window(0, SIZE, buf)
+        assert runs == [(0, 3 * PAGE), (4 * PAGE, SIZE)]
+        assert bytes(buf[3 * PAGE:4 * PAGE]) == bytes([4]) * PAGE  # from the image: at T
+        assert os.pread(image, SIZE, 0) == bytes(buf)
+        assert os.lseek(image, PAGE, os.SEEK_DATA) == 2 * PAGE  # the zero page is a hole
+        assert bytes(core.saved[:SIZE // PAGE]) == b"\x01" * (SIZE // PAGE)
+        assert core.claim(0, SIZE) == []  # nothing left to claim
+        assert core.stats().fault_pages_saved == 1
+    finally:
+        core.close()
+
+
+@pytest.fixture
+def writer(memfd: int) -> Iterator[Writer]:
+    w = Writer(memfd)
+    K.api(w.fd, K.REQUIRED_FEATURES | K.FEATURES["THREAD_ID"])
+    K.register(w.fd, w.address, SIZE, K.REGISTER_MODE_WP)
+    K.writeprotect(w.fd, w.address, SIZE, protect=True)
+    yield w
+    w.close()
+
+
+@needs_root
+def test_delegated_faults_are_held_until_t_then_saved_and_woken(writer: Writer, memfd: int,
+                                                                image: int) -> None:
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    try:
+        core.add(1, writer.fd, [(writer.address, SIZE, 0)])
+        writer.write(2 * PAGE + 5, 0x77)
+        assert writer.report(QUIET) is None  # held: T is not declared yet
+        core.go()
+        assert writer.report() == f"wrote {2 * PAGE + 5} {0x77}"
+        assert os.pread(image, PAGE, 2 * PAGE) == bytes([3]) * PAGE  # its content at T
+        assert core.saved[2] == 1
+        writer.write(2 * PAGE + 6, 0x78)  # saved and un-protected: no fault any more
+        assert writer.report() == f"wrote {2 * PAGE + 6} {0x78}"
+        stats = core.stats()
+        assert (stats.faults, stats.fault_pages_saved) == (1, 1)
+        assert sum(n for _, n in stats.service_buckets) == 1
+    finally:
+        core.close()
+
+
+@needs_root
+def test_coordinator_channel_answers_a_fault_with_a_protocol_unprotect(writer: Writer,
+                                                                      memfd: int,
+                                                                      image: int) -> None:
+    """The coordinator's end: a forwarded fault is saved, un-protected in the delegated uffds
+    and answered on the channel with an `unprotect` the Python decoder accepts."""
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    ours, theirs = socket.socketpair()
+    try:
+        core.add(1, writer.fd, [(writer.address, SIZE, 0)])
+        core.add_channel(2, theirs.fileno())
+        core.go()
+        ours.sendall(fixed_frame("fault", offset=5 * PAGE, tid=1234, seen_ns=99))
+        frame = read_frame(ours)
+        assert frame == fixed_frame("unprotect", ranges=(5 * PAGE, PAGE))
+        assert protocol.decode(frame[4:]) == protocol.Unprotect(((5 * PAGE, PAGE),))
+        assert os.pread(image, PAGE, 5 * PAGE) == bytes([6]) * PAGE
+        writer.write(5 * PAGE, 1)  # un-protected in the delegated uffd too
+        assert writer.report() == f"wrote {5 * PAGE} 1"
+        # a range saved by the scan goes to every channel as well
+        assert core.claim(6 * PAGE, PAGE) == [(6 * PAGE, 7 * PAGE)]
+        assert read_frame(ours) == fixed_frame("unprotect", ranges=(6 * PAGE, PAGE))
+    finally:
+        core.close()
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("frame", [
+    protocol.encode(protocol.Fault(0, 1, 2)),  # valid msgpack, not the fixed encoding
+    fixed_frame("fault", offset=SIZE, tid=0, seen_ns=0),  # outside the object
+    fixed_frame("fault", offset=100, tid=0, seen_ns=0),  # not page-aligned
+    fixed_frame("unprotect", ranges=(0, PAGE)),  # wrong direction
+    struct.pack(">I", 1 << 20),  # oversized
+])
+def test_coordinator_channel_rejects_anything_else(frame: bytes, memfd: int, image: int) -> None:
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    ours, theirs = socket.socketpair()
+    try:
+        core.add_channel(7, theirs.fileno())
+        core.go()
+        ours.sendall(frame)
+        assert select.select([core.notify_fd], [], [], TIMEOUT)[0]
+        events = core.take_events()
+        assert [(e.ident, e.kind, e.err) for e in events] == [(7, SC_FAILED, errno.EPROTO)]
+        assert core.stats().fault_pages_saved == 0
+    finally:
+        core.close()
+        ours.close()
+        theirs.close()
+
+
+@needs_root
+def test_agent_core_forwards_faults_and_applies_unprotects(writer: Writer) -> None:
+    """An agent's end: the writer's fault goes out as a protocol `fault` (fixed encoding), and
+    the writer resumes once an `unprotect` covering its page comes back."""
+    core = SnapCore.for_agent(PAGE)
+    ours, theirs = socket.socketpair()
+    try:
+        core.forward(0, theirs.fileno())
+        core.add(1, writer.fd, [(writer.address, SIZE, 0)])
+        writer.write(3 * PAGE + 1, 9)
+        frame = read_frame(ours)
+        fault = protocol.decode(frame[4:])
+        assert isinstance(fault, protocol.Fault)
+        assert fault.offset == 3 * PAGE and fault.tid == writer.pid and fault.seen_ns > 0
+        assert frame == fixed_frame("fault", offset=3 * PAGE, tid=fault.tid,
+                                    seen_ns=fault.seen_ns)
+        assert writer.report(QUIET) is None  # still blocked: nothing saved it yet
+        ours.sendall(fixed_frame("unprotect", ranges=(2 * PAGE, 2 * PAGE)))
+        assert writer.report() == f"wrote {3 * PAGE + 1} 9"
+        stats = core.stats()
+        assert stats.faults == 1 and sum(n for _, n in stats.service_buckets) == 1
+    finally:
+        core.close()
+        ours.close()
+        theirs.close()

@@ -1,0 +1,233 @@
+"""ctypes binding of helpers/snapcore.c, the coordinator's native data path (one per snapshot).
+
+The library keeps the `saved` page map, writes the image, copies windows and, in delegated mode,
+serves write-protect faults on a thread of its own that never needs the GIL (see the C file for
+why and for the rules). Every call here releases the GIL while it runs, so copy workers and the
+fault thread run in parallel with the event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from functools import cache
+
+from uffdsnap.kernel._libc import KernelError
+
+SC_EVENT, SC_GONE, SC_FAILED = 1, 2, 3
+_u64 = ctypes.c_uint64
+_p_u64 = ctypes.POINTER(_u64)
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [("ident", ctypes.c_int64), ("kind", ctypes.c_int32), ("err", ctypes.c_int32),
+                ("msg", ctypes.c_ubyte * 32)]
+
+
+class _Stats(ctypes.Structure):
+    _fields_ = [(name, _u64) for name in ("faults", "duplicates", "fault_pages_saved",
+                                          "held_wait_max_ns", "service_count",
+                                          "service_max_ns")]
+
+
+@dataclass(frozen=True)
+class CoreEvent:
+    """What the core hands to Python: a uffd message that needs policy (SC_EVENT, with the raw
+    32 bytes), a process gone under a uffd (SC_GONE), or a failure (SC_FAILED, errno)."""
+
+    ident: int
+    kind: int
+    err: int
+    msg: bytes
+
+
+@dataclass(frozen=True)
+class CoreStats:
+    faults: int
+    duplicates: int
+    fault_pages_saved: int
+    held_wait_max_ns: int
+    service_max_ns: int
+    service_buckets: tuple[tuple[int, int], ...]  # (LatencyHistogram bucket, count)
+
+
+@cache
+def _library() -> ctypes.CDLL:
+    from uffdsnap.native import build
+
+    lib = ctypes.CDLL(str(build("snapcore", library=True)))
+    i, i64, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    sigs = {
+        "sc_new": (vp, [i, i, _u64, _u64]),
+        "sc_free": (None, [vp]),
+        "sc_notify_fd": (i, [vp]),
+        "sc_saved": (vp, [vp]),
+        "sc_start": (i, [vp]),
+        "sc_stop": (None, [vp]),
+        "sc_add": (i, [vp, i64, i, i, _p_u64]),
+        "sc_set_maps": (i, [vp, i64, i, _p_u64]),
+        "sc_resume": (i, [vp, i64]),
+        "sc_drain": (i, [vp, i64]),
+        "sc_remove": (i, [vp, i64]),
+        "sc_go": (None, [vp]),
+        "sc_add_channel": (i, [vp, i64, i]),
+        "sc_set_forward": (i, [vp, i64, i]),
+        "sc_save_page": (i, [vp, _u64]),
+        "sc_claim": (i, [vp, _u64, _u64, _p_u64, i]),
+        "sc_copy_window": (i, [vp, _u64, _u64, vp, _p_u64, i]),
+        "sc_take_events": (i, [vp, ctypes.POINTER(_Event), i]),
+        "sc_take_pending": (i, [vp, i64, ctypes.c_char_p, i]),
+        "sc_stats": (None, [vp, ctypes.POINTER(_Stats), _p_u64]),
+        "sc_hist_buckets": (i, []),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def load() -> None:
+    """Build (once, cached) and load the library; UserError if it cannot be built."""
+    _library()
+
+
+def _check(call: str, ret: int, detail: str = "") -> int:
+    if ret < 0:
+        raise KernelError(call, -ret, detail, hint="")
+    return ret
+
+
+def _maps_array(maps: list[tuple[int, int, int]]) -> ctypes.Array[ctypes.c_uint64]:
+    flat = [v for m in maps for v in m]
+    return (_u64 * max(1, len(flat)))(*flat)
+
+
+class SnapCore:
+    """One snapshot's native data path over the object `obj_fd` and the image `img_fd`.
+
+    An agent's core (`SnapCore.for_agent`) has neither: it forwards its process's faults over a
+    fault channel (`forward`) and applies the un-protects that come back."""
+
+    @classmethod
+    def for_agent(cls, page_size: int) -> SnapCore:
+        return cls(-1, -1, 0, page_size)
+
+    def __init__(self, obj_fd: int, img_fd: int, size: int, page_size: int):
+        self._lib = _library()
+        self.page_size = page_size
+        self.npages = size // page_size
+        ptr = self._lib.sc_new(obj_fd, img_fd, size, page_size)
+        if not ptr:
+            raise MemoryError("snapcore: cannot allocate the page map")
+        self._ptr: int | None = ptr
+        array = (ctypes.c_ubyte * max(1, self.npages)).from_address(self._lib.sc_saved(ptr))
+        # One byte per page, 0 → 1 once: a 1 read without the lock is final.
+        self.saved = memoryview(array).cast("B")
+        self.notify_fd: int = self._lib.sc_notify_fd(ptr)
+
+    def _p(self) -> int:
+        if self._ptr is None:
+            raise ValueError("snapcore context is closed")
+        return self._ptr
+
+    def close(self) -> None:
+        """Stop the fault thread and free everything (the uffds stay open: they are Python's)."""
+        if self._ptr is not None:
+            self.saved.release()
+            self._lib.sc_free(self._ptr)
+            self._ptr = None
+
+    def start(self) -> None:
+        _check("snapcore start", self._lib.sc_start(self._p()))
+
+    def stop(self) -> None:
+        if self._ptr is not None:
+            self._lib.sc_stop(self._ptr)
+
+    def go(self) -> None:
+        """T: serve the held faults, then every fault as it comes."""
+        self._lib.sc_go(self._p())
+
+    def add(self, ident: int, uffd: int, maps: list[tuple[int, int, int]]) -> None:
+        """Serve the faults of a delegated uffd whose mappings are (address, length, offset)."""
+        _check("snapcore add", self._lib.sc_add(self._p(), ident, uffd, len(maps),
+                                                _maps_array(maps)), f"uffd={uffd}")
+        self.start()
+
+    def add_channel(self, ident: int, sock: int) -> None:
+        """Coordinator: serve the faults an agent forwards over the fault channel `sock`."""
+        _check("snapcore add_channel", self._lib.sc_add_channel(self._p(), ident, sock))
+        self.start()
+
+    def forward(self, ident: int, sock: int) -> None:
+        """Agent: forward faults over the fault channel `sock`, apply what comes back."""
+        _check("snapcore forward", self._lib.sc_set_forward(self._p(), ident, sock))
+        self.start()
+
+    def set_maps(self, ident: int, maps: list[tuple[int, int, int]]) -> None:
+        _check("snapcore set_maps", self._lib.sc_set_maps(self._p(), ident, len(maps),
+                                                          _maps_array(maps)))
+
+    def resume(self, ident: int) -> None:
+        self._lib.sc_resume(self._p(), ident)
+
+    def drain(self, ident: int) -> int:
+        """Read a delegated uffd's pending messages into the core (after an EAGAIN)."""
+        return _check("snapcore drain", self._lib.sc_drain(self._p(), ident))
+
+    def remove(self, ident: int) -> None:
+        """Stop using a delegated uffd or a channel; the caller may close it afterwards."""
+        if self._ptr is not None:
+            self._lib.sc_remove(self._ptr, ident)
+
+    def save_page(self, page: int) -> bool:
+        """Save one page if it is not saved yet; True if this call saved it."""
+        return bool(_check("saving page", self._lib.sc_save_page(self._p(), page),
+                           f"offset={page * self.page_size:#x}"))
+
+    def _runs(self, fn: object, *args: object, length: int) -> list[tuple[int, int]]:
+        cap = length // self.page_size // 2 + 1
+        runs = (_u64 * (2 * cap))()
+        n = fn(self._p(), *args, runs, cap)  # type: ignore[operator]
+        _check("snapcore copy", n, f"offset={args[0]:#x}, length={length}")
+        return [(runs[2 * i], runs[2 * i + 1]) for i in range(n)]
+
+    def claim(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Mark the unsaved pages of a range saved (a hole: zero in the image already);
+        returns them as (start, end) runs, un-protected in every delegated uffd."""
+        return self._runs(self._lib.sc_claim, offset, length, length=length)
+
+    def copy_window(self, offset: int, length: int, buf: bytearray) -> list[tuple[int, int]]:
+        """Fill `buf` with the window's content at T and store its unsaved pages; returns the
+        runs it claimed (un-protected in every delegated uffd already)."""
+        cbuf = (ctypes.c_char * length).from_buffer(buf)
+        return self._runs(self._lib.sc_copy_window, offset, length, cbuf, length=length)
+
+    def take_events(self, limit: int = 256) -> list[CoreEvent]:
+        out = (_Event * limit)()
+        n = self._lib.sc_take_events(self._p(), out, limit)
+        return [CoreEvent(e.ident, e.kind, e.err, bytes(e.msg)) for e in out[:n]]
+
+    def take_pending(self, ident: int) -> list[bytes]:
+        """After stop(): the uffd messages the core read but did not handle, in order."""
+        out: list[bytes] = []
+        while True:
+            buf = ctypes.create_string_buffer(32 * 256)
+            n = self._lib.sc_take_pending(self._p(), ident, buf, 256)
+            out += [buf.raw[32 * i:32 * (i + 1)] for i in range(n)]
+            if n < 256:
+                return out
+
+    def stats(self) -> CoreStats:
+        st = _Stats()
+        hist = (_u64 * self._lib.sc_hist_buckets())()
+        self._lib.sc_stats(self._p(), ctypes.byref(st), hist)
+        return CoreStats(st.faults, st.duplicates, st.fault_pages_saved, st.held_wait_max_ns,
+                         st.service_max_ns,
+                         tuple((b, int(n)) for b, n in enumerate(hist) if n))
+
+
+def describe_error(err: int) -> str:
+    return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
