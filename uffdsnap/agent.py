@@ -19,6 +19,7 @@ from collections.abc import Callable
 import trio
 
 from uffdsnap.channel import Channel, PeerClosed, connect
+from uffdsnap.kernel import snapcore
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.pidfd import pidfd_open
@@ -118,6 +119,7 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
     agent = Agent(pid)
     try:
         negotiate(uffd)
+        snapcore.load()  # now, not inside a protect phase, where writers may be waiting
         chan = await connect(coordinator, Role.AGENT)
         try:
             welcome = await _join(chan, pid, mode)

@@ -40,6 +40,7 @@ from uffdsnap.kernel.procmaps import (
     process_running,
 )
 from uffdsnap.kernel.snapcore import SC_FAILED, SC_GONE, SnapCore, describe_error
+from uffdsnap.kernel.snapcore import load as load_snapcore
 from uffdsnap.protocol import (
     MAX_RANGES,
     PROTOCOL_VERSION,
@@ -153,6 +154,7 @@ class Coordinator:
                  chunk_bytes: int = CHUNK_BYTES,
                  on_progress: Callable[[int, int], None] | None = None,
                  test_hooks: dict[str, Any] | None = None):
+        load_snapcore()  # build (once, cached) and load the native data path, or fail now
         self.obj = obj
         self.page_size = obj.page_size
         self.npages = obj.size // obj.page_size

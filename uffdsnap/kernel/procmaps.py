@@ -183,6 +183,10 @@ def find_mappers(obj: ObjectId, exclude: set[int] | None = None) -> dict[int, li
                 raw = f.read()
             if raw and needle not in raw:
                 continue
+            # Empty maps: a kernel thread (one task: skip it cheaply), or a zombie thread-group
+            # leader whose live threads still map memory (mappings_of reads theirs).
+            if not raw and len(os.listdir(f"/proc/{pid}/task")) < 2:
+                continue
             maps = mappings_of(pid, obj)
         except (ProcessLookupError, PermissionError):
             continue
