@@ -39,6 +39,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -48,6 +49,7 @@
 #define EVENT_PAGEFAULT 0x12
 #define EVENT_FORK 0x13
 #define FRAME_MAX 64
+#define FAULT_THREAD_NICE -10
 #define SEND_TIMEOUT_S 10 /* a peer that takes no message for this long is dropped */
 #define MSG_SIZE 32
 #define READ_BATCH 64
@@ -677,6 +679,10 @@ static struct chan *find_chan(struct sc *c, int64_t ident)
 static void *fault_loop(void *arg)
 {
     struct sc *c = arg;
+    /* A writer blocked on a fault waits for this thread to be scheduled: ask for a larger CPU
+     * share than the copy workers' (best effort: needs CAP_SYS_NICE, else nothing changes). */
+    if (setpriority(PRIO_PROCESS, (id_t)gettid(), FAULT_THREAD_NICE) < 0)
+        errno = 0;
     struct pollfd *pfds = NULL;
     struct polled *what = NULL;
     size_t cap = 0, wcap = 0;

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -741,47 +742,48 @@ class Coordinator:
             run.fail(f"untracked process(es) map the object writable {when}: {names}")
 
     async def _copy(self, run: Run) -> None:
-        """Held faults first, then every remaining page in large chunks."""
+        """Held faults first, then every remaining page in large windows."""
         now = monotonic_ns()
         for _peer, offset, seen_ns in run.held:
             run.held_wait_max_ns = max(run.held_wait_max_ns, now - seen_ns)
             self._save_page(run, offset // self.page_size)
         run.held.clear()
-        # Each window is read, claimed and stored by the core in a worker thread (the GIL
-        # released), two windows in flight.
-        in_flight = trio.Semaphore(COPY_WORKERS)
-        async with trio.open_nursery() as nursery:
-            for start, length, is_data in copy_windows(self.obj.fd, self.obj.size,
-                                                       self.page_size, self.chunk_bytes):
-                if is_data:
-                    if self._hooks.get("scan_delay_s"):
-                        await trio.sleep(self._hooks["scan_delay_s"])
-                    await in_flight.acquire()
-                    nursery.start_soon(self._copy_window, run, start, length, in_flight)
-                else:
-                    self._claim_hole(run, start, length)
-                if self.on_progress:
-                    self.on_progress(start + length, self.obj.size)
+        # COPY_WORKERS threads take windows from one scan and copy each through the core (the
+        # GIL released), with no event-loop hop per window; they stop at the next window when
+        # the snapshot fails or is cancelled.
+        scan = CopyScan(copy_windows(self.obj.fd, self.obj.size, self.page_size,
+                                     self.chunk_bytes), self.obj.size)
+        tell_agents = any(not p.delegated and p.fault_channel < 0 for p in run.peers)
+        async with trio.open_nursery() as watch:
+            watch.start_soon(_set_when_cancelled, scan.stop)
+            watch.start_soon(_set_on, run.failed, scan.stop)
+            async with trio.open_nursery() as workers:
+                for _ in range(COPY_WORKERS):
+                    workers.start_soon(self._copy_worker, run, scan, tell_agents)
+            watch.cancel_scope.cancel()
+        run.bytes_scanned = scan.scanned
 
-    def _claim_hole(self, run: Run, start: int, length: int) -> None:
-        """A hole now was a hole at T (a page filled since then faulted and was saved): it is
-        zero in the image already; un-protect its unsaved pages."""
-        for piece in range(start, start + length, HOLE_CLAIM_BYTES):
-            for a, b in run.core.claim(piece, min(HOLE_CLAIM_BYTES, start + length - piece)):
-                self._queue_unprotect(a, b - a)
+    async def _copy_worker(self, run: Run, scan: CopyScan, tell_agents: bool) -> None:
+        token = trio.lowlevel.current_trio_token()
 
-    async def _copy_window(self, run: Run, offset: int, length: int,
-                           in_flight: trio.Semaphore) -> None:
-        try:
-            claimed = await trio.to_thread.run_sync(_copy_window, run, offset, length)
-        except KernelError as e:
-            run.fail(f"copying: {e}")
-            return
-        finally:
-            in_flight.release()
-        for a, b in claimed:
+        def claimed(runs: list[tuple[int, int]]) -> None:  # in the worker thread
+            if tell_agents and runs:
+                trio.from_thread.run_sync(self._queue_runs, runs, trio_token=token)
+
+        def progress(done: int) -> None:  # in the worker thread
+            if self.on_progress is not None:
+                trio.from_thread.run_sync(self.on_progress, done, self.obj.size,
+                                          trio_token=token)
+
+        buf = bytearray(self.chunk_bytes)  # reused: a fresh one per window page-faults
+        error = await trio.to_thread.run_sync(
+            _copy_loop, run, scan, buf, claimed, progress, self._hooks.get("scan_delay_s", 0))
+        if error:
+            run.fail(error)
+
+    def _queue_runs(self, runs: list[tuple[int, int]]) -> None:
+        for a, b in runs:
             self._queue_unprotect(a, b - a)
-        run.bytes_scanned += length
 
     async def _release_all(self, run: Run) -> None:
         run.phase = "releasing"
@@ -868,8 +870,21 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+async def _set_on(event: trio.Event, flag: threading.Event) -> None:
+    await event.wait()
+    flag.set()
+
+
+async def _set_when_cancelled(flag: threading.Event) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        flag.set()
+
+
 FORK_REPORT_GRACE_S = 2.0
 HOLE_CLAIM_BYTES = 64 << 20  # holes are claimed in pieces: the core returns runs per piece
+PROGRESS_BYTES = 64 << 20  # how often copy workers report progress
 
 
 def _is_hole(fd: int, offset: int) -> bool:
@@ -933,11 +948,55 @@ def copy_windows(fd: int, size: int, page_size: int,
         pos = end
 
 
-def _copy_window(run: Run, offset: int, length: int) -> list[tuple[int, int]]:
-    """In a worker thread: the core reads the window, claims its unsaved pages, fills in those
-    saved earlier from the image and stores the claimed ones; here its content at T is
-    checksummed. Returns the claimed runs for un-protecting."""
-    buf = bytearray(length)
-    claimed = run.core.copy_window(offset, length, buf)
-    run.writer.record_extent(offset, length, extent_checksum(buf))
-    return claimed
+@dataclass(eq=False)
+class CopyScan:
+    """The copy's windows, shared by the copy worker threads."""
+
+    windows: Iterator[tuple[int, int, bool]]
+    size: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    scanned: int = 0
+    reported: int = 0
+
+    def next(self) -> tuple[int, int, bool] | None:
+        with self.lock:
+            return None if self.stop.is_set() else next(self.windows, None)
+
+    def done(self, end: int, length: int) -> int | None:
+        """Count a copied window; returns the position to report as progress, if due."""
+        with self.lock:
+            self.scanned += length
+            if end >= self.size or end - self.reported >= PROGRESS_BYTES:
+                self.reported = max(self.reported, end)
+                return self.reported
+            return None
+
+
+def _copy_loop(run: Run, scan: CopyScan, buf: bytearray,
+               claimed: Callable[[list[tuple[int, int]]], None],
+               progress: Callable[[int], None], delay_s: float) -> str:
+    """A copy worker thread: copy windows until the scan ends or stops. Data windows go
+    through the core, which reads them, claims their unsaved pages, takes pages saved earlier
+    (by faults) from the image and stores the claimed ones; their content at T is checksummed
+    here. Hole windows were holes at T (a page filled since then faulted and was saved): only
+    their unsaved pages are claimed. Returns an error, or "" when done."""
+    try:
+        while (window := scan.next()) is not None:
+            start, length, is_data = window
+            if is_data:
+                if delay_s:  # test hook: a deliberately slow scan
+                    time.sleep(delay_s)
+                view = memoryview(buf)[:length]
+                claimed(run.core.copy_window(start, length, view))
+                run.writer.record_extent(start, length, extent_checksum(view))
+            else:
+                for piece in range(start, start + length, HOLE_CLAIM_BYTES):
+                    claimed(run.core.claim(piece, min(HOLE_CLAIM_BYTES, start + length - piece)))
+            report = scan.done(start + length, length if is_data else 0)
+            if report is not None:
+                progress(report)
+    except KernelError as e:
+        scan.stop.set()
+        return f"copying: {e}"
+    return ""

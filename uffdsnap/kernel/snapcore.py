@@ -199,9 +199,13 @@ class SnapCore:
         returns them as (start, end) runs, un-protected in every delegated uffd."""
         return self._runs(self._lib.sc_claim, offset, length, length=length)
 
-    def copy_window(self, offset: int, length: int, buf: bytearray) -> list[tuple[int, int]]:
-        """Fill `buf` with the window's content at T and store its unsaved pages; returns the
-        runs it claimed (un-protected in every delegated uffd already)."""
+    def copy_window(self, offset: int, length: int,
+                    buf: bytearray | memoryview) -> list[tuple[int, int]]:
+        """Fill `buf` (writable, `length` bytes) with the window's content at T and store its
+        unsaved pages; returns the runs it claimed (un-protected in every delegated uffd and
+        sent on every fault channel already)."""
+        if len(buf) < length:
+            raise ValueError(f"buffer of {len(buf)} bytes for a window of {length}")
         cbuf = (ctypes.c_char * length).from_buffer(buf)
         return self._runs(self._lib.sc_copy_window, offset, length, cbuf, length=length)
 
