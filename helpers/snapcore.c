@@ -50,6 +50,12 @@
 #define EVENT_FORK 0x13
 #define FRAME_MAX 64
 #define FAULT_THREAD_NICE -10
+/* Saved ranges reach the processes other than a fault's own in batches: at most this late or
+ * this many ranges at once (one wake-up per agent per batch instead of one per fault and one
+ * per window). Measured with 64 agents on 2 vCPUs: un-batched, copy 9 MiB/s; 1 ms, 13 MiB/s;
+ * 5 ms, 48 MiB/s (the faulting process is always un-protected at once). */
+#define BATCH_DELAY_NS 5000000ULL
+#define BATCH_MAX 512
 #define SEND_TIMEOUT_S 10 /* a peer that takes no message for this long is dropped */
 #define MSG_SIZE 32
 #define READ_BATCH 64
@@ -95,6 +101,7 @@ struct chan {
 
 struct held { int64_t ident; int is_chan; uint64_t offset, seen_ns; };
 struct fwd { uint64_t offset, seen_ns; }; /* agent: a forwarded fault awaiting its un-protect */
+struct span2 { uint64_t off, len; };
 
 struct sc {
     pthread_mutex_t mu;
@@ -116,6 +123,9 @@ struct sc {
     struct chan *forward; /* agent: where faults go and un-protects come from */
     struct fwd *fwds;
     size_t nfwds, fwds_cap;
+    struct span2 *batch; /* saved ranges not yet un-protected everywhere */
+    size_t nbatch, batch_cap;
+    uint64_t batch_since;
 };
 
 static uint64_t mono_ns(void)
@@ -519,30 +529,71 @@ static int offset_of(struct uf *u, uint64_t address, uint64_t page_size, uint64_
     return 0;
 }
 
-/* Save (if needed) and un-protect one faulting page everywhere: where it came from (a
- * delegated uf or an agent's channel) first. */
+static int cmp_span(const void *a, const void *b)
+{
+    const struct span2 *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* Un-protect the batched ranges everywhere, coalesced. */
+static void flush_batch(struct sc *c)
+{
+    if (!c->nbatch)
+        return;
+    qsort(c->batch, c->nbatch, sizeof *c->batch, cmp_span);
+    size_t n = 0;
+    for (size_t i = 0; i < c->nbatch; i++) {
+        struct span2 *last = n ? &c->batch[n - 1] : NULL;
+        if (last && c->batch[i].off <= last->off + last->len) {
+            uint64_t end = c->batch[i].off + c->batch[i].len;
+            if (end > last->off + last->len)
+                last->len = end - last->off;
+        } else {
+            c->batch[n++] = c->batch[i];
+        }
+    }
+    c->nbatch = 0;
+    for (size_t i = 0; i < n; i++)
+        unprotect_everywhere(c, c->batch[i].off, c->batch[i].len);
+}
+
+/* Queue a saved range for un-protecting everywhere (by the fault thread, within
+ * BATCH_DELAY_NS). Safe to delay: a write to a saved page that is still protected faults
+ * again and is answered at once from the saved map. */
+static void batch_unprotect(struct sc *c, uint64_t off, uint64_t len)
+{
+    if (reserve((void **)&c->batch, &c->batch_cap, c->nbatch + 1, sizeof *c->batch) < 0) {
+        unprotect_everywhere(c, off, len); /* no room: do it now */
+        return;
+    }
+    if (!c->nbatch)
+        c->batch_since = mono_ns();
+    c->batch[c->nbatch++] = (struct span2){ off, len };
+    if (c->nbatch >= BATCH_MAX)
+        flush_batch(c);
+}
+
+/* Save (if needed) and un-protect one faulting page: where it came from (a delegated uf or an
+ * agent's channel) at once, everywhere else with the next batch. */
 static void serve_page(struct sc *c, struct uf *u, struct chan *ch, uint64_t off, uint64_t seen)
 {
     uint64_t page = off / c->page_size;
-    if (c->saved[page]) {
-        c->stats.duplicates++;
-    } else {
+    int fresh = !c->saved[page];
+    if (fresh) {
         int r = save_page(c, page);
         if (r < 0) {
             fail(c, u ? u->ident : -1, -r);
             return; /* the failure releases everyone */
         }
+    } else {
+        c->stats.duplicates++; /* saved before: its un-protect is batched or done already */
     }
     if (u)
         unprotect_in(c, u, off, c->page_size);
     if (ch)
         send_unprotect(c, ch, off, c->page_size);
-    for (size_t i = 0; i < c->nufs; i++)
-        if (c->ufs[i] != u)
-            unprotect_in(c, c->ufs[i], off, c->page_size);
-    for (size_t i = 0; i < c->nchans; i++)
-        if (c->chans[i] != ch)
-            send_unprotect(c, c->chans[i], off, c->page_size);
+    if (fresh || !(u || ch)) /* (a held fault whose source is gone: everyone, to be sure) */
+        batch_unprotect(c, off, c->page_size);
     if (u) /* an agent measures its own faults, from its read to its un-protect */
         record_service(c, mono_ns() - seen);
 }
@@ -679,9 +730,13 @@ static struct chan *find_chan(struct sc *c, int64_t ident)
 static void *fault_loop(void *arg)
 {
     struct sc *c = arg;
-    /* A writer blocked on a fault waits for this thread to be scheduled: ask for a larger CPU
-     * share than the copy workers' (best effort: needs CAP_SYS_NICE, else nothing changes). */
-    if (setpriority(PRIO_PROCESS, (id_t)gettid(), FAULT_THREAD_NICE) < 0)
+    /* A writer blocked on a fault waits for the coordinator's thread to be scheduled: ask for a
+     * larger CPU share than the copy workers' (best effort: needs CAP_SYS_NICE). Not in agents:
+     * with many of them, all raised, a burst of un-protects starves everything else. */
+    pthread_mutex_lock(&c->mu);
+    int hub = !c->forward;
+    pthread_mutex_unlock(&c->mu);
+    if (hub && setpriority(PRIO_PROCESS, (id_t)gettid(), FAULT_THREAD_NICE) < 0)
         errno = 0;
     struct pollfd *pfds = NULL;
     struct polled *what = NULL;
@@ -717,9 +772,16 @@ static void *fault_loop(void *arg)
             what[n] = (struct polled){ P_FORWARD, c->forward->ident };
             pfds[n++] = (struct pollfd){ .fd = c->forward->fd, .events = POLLIN };
         }
+        struct timespec wait = { 0, 0 }, *timeout = NULL;
+        if (c->nbatch) { /* wake up in time to flush the batch */
+            uint64_t due = c->batch_since + BATCH_DELAY_NS, now = mono_ns();
+            uint64_t left = due > now ? due - now : 0;
+            wait = (struct timespec){ (time_t)(left / 1000000000ULL), (long)(left % 1000000000ULL) };
+            timeout = &wait;
+        }
         pthread_mutex_unlock(&c->mu);
 
-        if (poll(pfds, n, -1) < 0 && errno != EINTR) {
+        if (ppoll(pfds, n, timeout, NULL) < 0 && errno != EINTR) {
             pthread_mutex_lock(&c->mu);
             fail(c, -1, errno);
             pthread_mutex_unlock(&c->mu);
@@ -755,6 +817,8 @@ static void *fault_loop(void *arg)
             }
         }
         process_all(c, seen);
+        if (c->nbatch && mono_ns() - c->batch_since >= BATCH_DELAY_NS)
+            flush_batch(c);
         pthread_mutex_unlock(&c->mu);
     }
     free(pfds);
@@ -863,6 +927,7 @@ void sc_free(struct sc *c)
     free(c->chans);
     free(c->forward);
     free(c->fwds);
+    free(c->batch);
     free(c->ufs);
     free(c->held);
     free(c->events);
@@ -1036,7 +1101,10 @@ void sc_go(struct sc *c)
             serve_page(c, find_uf(c, h->ident), NULL, h->offset, h->seen_ns);
     }
     c->nheld = 0;
+    int batched = c->nbatch > 0;
     pthread_mutex_unlock(&c->mu);
+    if (batched)
+        wake_thread(c);
 }
 
 /* Save one page for a fault Python received (agents mode): 1 saved now, 0 saved before,
@@ -1090,8 +1158,11 @@ static int claim(struct sc *c, uint64_t off, uint64_t len, uint64_t *runs, int m
 
 static void unprotect_runs(struct sc *c, const uint64_t *runs, int n)
 {
+    int was_empty = c->nbatch == 0;
     for (int i = 0; i < n; i++)
-        unprotect_everywhere(c, runs[2 * i], runs[2 * i + 1] - runs[2 * i]);
+        batch_unprotect(c, runs[2 * i], runs[2 * i + 1] - runs[2 * i]);
+    if (was_empty && c->nbatch)
+        wake_thread(c); /* it flushes the batch on time */
 }
 
 /* A hole now was a hole at T (zero in the image already): claim its unsaved pages. */
