@@ -188,6 +188,7 @@ class Agent:
             tracker.close()
 
     def release_all(self) -> None:
+        self._stop_core()  # the core's thread must not read uffds we are about to close
         for tracker in list(self.trackers):
             try:
                 tracker.release()
