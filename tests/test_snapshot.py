@@ -22,6 +22,7 @@ from conftest import (
 )
 from uffdsnap import workload as wl
 from uffdsnap.image import load_manifest, manifest_path, verify
+from uffdsnap.testhooks import TEST_HOOKS_ENV
 
 pytestmark = needs_root
 
@@ -40,11 +41,16 @@ async def _snapshot_and_check(coordinator, path: str, out: str) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("mode", ["agents", "delegated"])
+@pytest.mark.parametrize("mode", ["agents", "delegated", "agents-without-fault-channel"])
 async def test_native_and_enlisted_writers_repeatedly(mode: str, shm_path: str,
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """4 unmodified native writers (attached with ptrace) and 2 enlisted Python writers write
-    throughout 3 snapshots from one long-running coordinator: each image is one instant."""
+    throughout 3 snapshots from one long-running coordinator: each image is one instant. (The
+    third mode: agents that send faults and take un-protects on their main connection, the
+    protocol's path for agents without a native core.)"""
+    if mode == "agents-without-fault-channel":
+        monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"no_fault_channel": True}))
     make_workload(shm_path, 6, data_pages=1024)
     async with running_coordinator(shm_path, tmp_path, delegate=mode == "delegated") as (
             coordinator, sock):
@@ -58,6 +64,7 @@ async def test_native_and_enlisted_writers_repeatedly(mode: str, shm_path: str,
                 assert len(summary["processes"]) == 6
                 modes = sorted(p["mode"] for p in summary["processes"])
                 assert modes == ["attach"] * 4 + ["enlist"] * 2
+                assert summary["fault_channels"] == (6 if mode == "agents" else 0)
                 faults += summary["faults"]
                 manifest = load_manifest(manifest_path(out))
                 assert {p["pid"] for p in manifest.processes} == {w.pid for w in writers}

@@ -66,6 +66,7 @@ from uffdsnap.protocol import (
     Welcome,
 )
 from uffdsnap.stats import LatencyHistogram, monotonic_ns
+from uffdsnap.testhooks import hooks_from_environment
 from uffdsnap.tracker import GONE, Tracker
 
 CHUNK_BYTES = 1 << 20
@@ -138,6 +139,7 @@ class Run:
     # Delegated uffds and fault channels the core serves, by the core's name for them.
     delegated: dict[int, tuple[Peer, Tracker]] = field(default_factory=dict)
     channels: dict[int, Peer] = field(default_factory=dict)
+    fault_channels: int = 0  # agents that served their faults through one this snapshot
 
     @property
     def saved(self) -> memoryview:
@@ -443,6 +445,7 @@ class Coordinator:
         self._next_core_ident += 1
         peer.fault_channel = sock
         run.channels[key] = peer
+        run.fault_channels += 1
         try:
             run.core.add_channel(key, sock)
         except KernelError as e:
@@ -833,6 +836,7 @@ class Coordinator:
             "kernel_protect_max_ns": max((p.protect_ns for p in run.peers), default=0),
             "start_pause_max_ns": max(run.held_wait_max_ns, core.held_wait_max_ns),
             "faults": run.faults + core.faults,
+            "fault_channels": run.fault_channels,
             "duplicate_faults": run.duplicate_faults + core.duplicates,
             "pages_saved_by_faults": core.fault_pages_saved,
             "fault_service": hist.summary(),
@@ -855,17 +859,6 @@ class Coordinator:
                       if k not in ("processes", "processes_gone", "snapshot_time",
                                    "snapshot_time_unix_ns", "ok")},
         }
-
-
-TEST_HOOKS_ENV = "UFFDSNAP_TEST_HOOKS"
-
-
-def hooks_from_environment() -> dict[str, Any]:
-    """Test hooks for a coordinator running in a subprocess: JSON in $UFFDSNAP_TEST_HOOKS."""
-    import json
-
-    raw = os.environ.get(TEST_HOOKS_ENV)
-    return json.loads(raw) if raw else {}
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
