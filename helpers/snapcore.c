@@ -31,6 +31,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
@@ -229,6 +230,12 @@ static int pwrite_full(int fd, const unsigned char *buf, size_t len, uint64_t of
         off += (uint64_t)n;
     }
     return 0;
+}
+
+/* How many of the `len` bytes at `off` lie inside the object (its last page may be partial). */
+static uint64_t clip(const struct sc *c, uint64_t off, uint64_t len)
+{
+    return off >= c->size ? 0 : (len < c->size - off ? len : c->size - off);
 }
 
 static int all_zero(const unsigned char *p, size_t n)
@@ -483,7 +490,7 @@ static void unprotect_in(struct sc *c, struct uf *u, uint64_t off, uint64_t len)
             continue;
         struct wp w = { { m->start + lo - m->offset, hi - lo }, 0 };
         int r = uf_ioctl(c, u, UFFDIO_WRITEPROTECT_IOC, &w);
-        if (r == -ESRCH || r == -ENOMEM) {
+        if (r == -ESRCH) { /* WRITEPROTECT says so once the process has exited or exec'd */
             mark_dead(c, u, -r);
             return;
         }
@@ -505,10 +512,10 @@ static void unprotect_everywhere(struct sc *c, uint64_t off, uint64_t len)
 /* Save one page (not yet saved) from the object into the image and mark it. */
 static int save_page(struct sc *c, uint64_t page)
 {
-    uint64_t off = page * c->page_size;
-    int r = pread_full(c->obj_fd, c->page_buf, c->page_size, off);
+    uint64_t off = page * c->page_size, n = clip(c, off, c->page_size);
+    int r = pread_full(c->obj_fd, c->page_buf, n, off);
     if (r == 0)
-        r = store(c, c->page_buf, c->page_size, off);
+        r = store(c, c->page_buf, n, off);
     if (r < 0)
         return r;
     c->saved[page] = 1;
@@ -671,6 +678,11 @@ static void handle_fault(struct sc *c, struct uf *u, const unsigned char *msg, u
         uf_ioctl(c, u, UFFDIO_WAKE_IOC, &r);
         return;
     }
+    if (!c->forward && off >= c->npages * c->page_size) {
+        /* beyond the object as it was opened (it grew since): not part of the image */
+        unprotect_in(c, u, off, c->page_size);
+        return;
+    }
     c->stats.faults++;
     if (c->forward) {
         uint32_t tid;
@@ -803,8 +815,9 @@ static void *fault_loop(void *arg)
                 if (!u || u->dead)
                     continue;
                 int r = drain(c, u);
-                if (r < 0) {
-                    mark_dead(c, u, -r);
+                if (r < 0) { /* not a readable uffd any more: nothing can be served there */
+                    u->dead = 1;
+                    fail(c, u->ident, -r);
                     continue;
                 }
                 process(c, u, seen);
@@ -847,7 +860,7 @@ struct sc *sc_new(int obj_fd, int img_fd, uint64_t size, uint64_t page_size)
     c->img_fd = img_fd;
     c->size = size;
     c->page_size = page_size;
-    c->npages = size / page_size;
+    c->npages = (size + page_size - 1) / page_size; /* the last one may be partial */
     c->state = HOLD;
     c->saved = calloc(obj_fd >= 0 && c->npages ? c->npages : 1, 1); /* an agent saves nothing */
     c->page_buf = malloc(page_size);
@@ -962,6 +975,13 @@ int sc_add(struct sc *c, int64_t ident, int fd, int nmaps, const uint64_t *maps)
         return -ENOMEM;
     u->ident = ident;
     u->fd = fd;
+    /* drain() reads until EAGAIN: a blocking fd would stall the fault thread with the lock held */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)) {
+        int err = errno;
+        free(u);
+        return -err;
+    }
     pthread_mutex_lock(&c->mu);
     int r = set_maps(u, nmaps, maps);
     if (r == 0)
@@ -1131,7 +1151,7 @@ int sc_save_page(struct sc *c, uint64_t page)
 static int claim(struct sc *c, uint64_t off, uint64_t len, uint64_t *runs, int max_runs,
                  unsigned char *was)
 {
-    uint64_t first = off / c->page_size, last = (off + len) / c->page_size;
+    uint64_t first = off / c->page_size, last = (off + len + c->page_size - 1) / c->page_size;
     int n = 0;
     for (uint64_t p = first; p < last;) {
         if (was)
@@ -1184,9 +1204,9 @@ int sc_claim(struct sc *c, uint64_t off, uint64_t len, uint64_t *runs, int max_r
 int sc_copy_window(struct sc *c, uint64_t off, uint64_t len, unsigned char *buf, uint64_t *runs,
                    int max_runs)
 {
-    if (off % c->page_size || len % c->page_size || off + len > c->npages * c->page_size)
-        return -EINVAL;
-    uint64_t npg = len / c->page_size;
+    if (off % c->page_size || off + len > c->size || (len % c->page_size && off + len != c->size))
+        return -EINVAL; /* whole pages, or up to the object's end */
+    uint64_t npg = (len + c->page_size - 1) / c->page_size;
     unsigned char *was = malloc(npg ? npg : 1);
     if (!was)
         return -ENOMEM;
@@ -1206,8 +1226,8 @@ int sc_copy_window(struct sc *c, uint64_t off, uint64_t len, unsigned char *buf,
         uint64_t q = p;
         while (q < npg && was[q])
             q++;
-        int e = pread_full(c->img_fd, buf + p * c->page_size, (q - p) * c->page_size,
-                           off + p * c->page_size);
+        uint64_t a = p * c->page_size, b = q * c->page_size < len ? q * c->page_size : len;
+        int e = pread_full(c->img_fd, buf + a, b - a, off + a);
         if (e < 0) {
             r = e;
             goto out;
@@ -1215,7 +1235,8 @@ int sc_copy_window(struct sc *c, uint64_t off, uint64_t len, unsigned char *buf,
         p = q;
     }
     for (int i = 0; i < r; i++) {
-        int e = store(c, buf + (runs[2 * i] - off), runs[2 * i + 1] - runs[2 * i], runs[2 * i]);
+        uint64_t a = runs[2 * i];
+        int e = store(c, buf + (a - off), clip(c, a, runs[2 * i + 1] - a), a);
         if (e < 0) {
             r = e;
             goto out;

@@ -227,3 +227,28 @@ def test_a_page_is_saved_once_for_every_process(memfd: int, image: int) -> None:
         core.close()
         a.close()
         b.close()
+
+
+def test_an_object_ending_in_a_partial_page(tmp_path: object) -> None:
+    """The last window and the last page stop at the object's end: nothing is read or written
+    beyond it, and the partial page is claimed, saved and stored like any other."""
+    size = 3 * PAGE + 100
+    obj = os.memfd_create("snapcore-tail", os.MFD_CLOEXEC)
+    os.write(obj, os.urandom(size))
+    img = os.open(os.path.join(str(tmp_path), "img"), os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    os.ftruncate(img, size)
+    core = SnapCore(obj, img, size, PAGE)
+    try:
+        assert core.npages == 4
+        assert core.save_page(3) is True  # the partial page, as a fault would
+        buf = bytearray(4 * PAGE)
+        runs = core.copy_window(0, size, memoryview(buf)[:size])
+        assert runs == [(0, 3 * PAGE)]
+        assert os.fstat(img).st_size == size  # nothing written past the end
+        assert os.pread(img, size + 10, 0) == os.pread(obj, size, 0)
+        assert bytes(buf[:size]) == os.pread(obj, size, 0)
+        assert bytes(buf[size:]) == bytes(len(buf) - size)  # the caller's buffer, untouched
+    finally:
+        core.close()
+        os.close(img)
+        os.close(obj)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,31 @@ async def test_both_modes_give_the_same_bytes(shm_path: str, tmp_path: Path) -> 
         wl.set_stop(shm_path)
         for p in idle:
             p.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+async def test_object_whose_size_is_not_whole_pages(mode: str, shm_path: str,
+                                                    tmp_path: Path) -> None:
+    """The last page of the object is partial: the image has the object's exact size and
+    bytes, the partial page included (a process maps all of it, so it is protected too)."""
+    size = 5 * 4096 + 123
+    data = os.urandom(size)
+    Path(shm_path).write_bytes(data)
+    mapper = subprocess.Popen(
+        [sys.executable, "-c", "import mmap, os, sys; f = os.open(sys.argv[1], os.O_RDWR); "
+         "m = mmap.mmap(f, 0, mmap.MAP_SHARED); print('ready', flush=True); sys.stdin.read()",
+         shm_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    SPAWNED.append(mapper)
+    try:
+        assert mapper.stdout is not None and mapper.stdout.readline().strip() == "ready"
+        out = tmp_path / "tail.img"
+        proc = await trio.run_process(
+            ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", str(out),
+             "--mode", mode, "--json"], capture_stdout=True, capture_stderr=True, check=False)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert [p["pid"] for p in json.loads(proc.stdout)["processes"]] == [mapper.pid]
+        assert out.read_bytes() == data
+        assert verify(str(out)).ok
+    finally:
+        mapper.kill()
+        mapper.wait()

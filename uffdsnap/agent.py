@@ -355,21 +355,27 @@ class Agent:
                 return  # the snapshot is over (_stop_core)
             if self.core is not core:
                 return
+            failed = ""
             for ev in core.take_events():
                 tracker = next((t for t in self.trackers if t.ident == ev.ident), None)
                 if ev.kind == SC_FAILED:
-                    self._end(f"fault channel: {describe_error(ev.err)}")
-                    return
-                if ev.kind == SC_GONE:
+                    where = ("fault channel" if ev.ident == FORWARD_IDENT else
+                             f"serving pid {tracker.pid if tracker else '?'}")
+                    failed = failed or f"{where}: {describe_error(ev.err)}"
+                elif ev.kind == SC_GONE:
                     if tracker is not None:
                         self.drop(tracker)  # exited or exec'd
-                    continue  # (the channel: the coordinator closed it or is gone)
-                if tracker is None:
-                    continue
-                await self._event(tracker, K.decode_message(ev.msg))
-                if self.core is core and tracker in self.trackers:
-                    core.set_maps(tracker.ident, tracker.spans_with_offsets())
-                    core.resume(tracker.ident)
+                    # (the channel: the coordinator closed it or is gone)
+                elif tracker is None:
+                    K.close_fork_uffd(ev.msg)  # dropped meanwhile: nobody will serve a child
+                else:
+                    await self._event(tracker, K.decode_message(ev.msg))
+                    if self.core is core and tracker in self.trackers:
+                        core.set_maps(tracker.ident, tracker.spans_with_offsets())
+                        core.resume(tracker.ident)
+            if failed:
+                self._end(failed)
+                return
 
     def _delegated_event(self, chan: Channel, msg: Event) -> None:
         """An event the coordinator read from one of our uffds while delegated: apply it as if

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import NoReturn
 
-from uffdsnap.errors import SnapshotFailed, UserError
+from uffdsnap.errors import ProtocolError, SnapshotFailed, UserError
 from uffdsnap.output import error_line
 
 # subcommand -> (module, one-line help)
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, "interrupted", 130)
     except OSError as e:
         return _fail(args, str(e), 1)
+    except ProtocolError as e:  # a peer that speaks the protocol wrongly
+        return _fail(args, f"protocol error: {e}", 1)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -40,7 +40,8 @@ from uffdsnap.kernel.procmaps import (
     process_comm,
     process_running,
 )
-from uffdsnap.kernel.snapcore import SC_FAILED, SC_GONE, SnapCore, describe_error
+from uffdsnap.kernel.scm import is_unix_stream
+from uffdsnap.kernel.snapcore import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
 from uffdsnap.kernel.snapcore import load as load_snapcore
 from uffdsnap.protocol import (
     MAX_RANGES,
@@ -57,6 +58,7 @@ from uffdsnap.protocol import (
     ProtocolError,
     Release,
     Released,
+    RemoteProtocolError,
     Removed,
     Result,
     Role,
@@ -163,7 +165,7 @@ class Coordinator:
         load_snapcore()  # build (once, cached) and load the native data path, or fail now
         self.obj = obj
         self.page_size = obj.page_size
-        self.npages = obj.size // obj.page_size
+        self.npages = -(-obj.size // obj.page_size)  # the last page may be partial
         self.protect_timeout = protect_timeout
         self.chunk_bytes = max(chunk_bytes - chunk_bytes % obj.page_size, obj.page_size)
         self.on_progress = on_progress
@@ -269,16 +271,27 @@ class Coordinator:
     async def _send_loop(self, peer: Peer, outbox: trio.MemoryReceiveChannel[Any],
                          scope: trio.CancelScope) -> None:
         async with outbox:
-            async for item in outbox:
-                msg, fds = item if isinstance(item, tuple) else (item, ())
-                if isinstance(msg, Unprotect) and not _unprotectable(peer):
-                    continue  # released meanwhile: nothing is protected there any more
-                try:
-                    await peer.chan.send(msg, fds)
-                except (PeerClosed, ProtocolError, OSError, trio.ClosedResourceError) as e:
-                    peer.send_error = f"sending {msg.TYPE}: {e}"
-                    scope.cancel()
-                    return
+            try:
+                async for item in outbox:
+                    msg, fds = item if isinstance(item, tuple) else (item, [])
+                    if isinstance(msg, Unprotect) and not _unprotectable(peer):
+                        continue  # released meanwhile: nothing is protected there any more
+                    try:
+                        await peer.chan.send(msg, fds)
+                    except (PeerClosed, ProtocolError, OSError, trio.ClosedResourceError) as e:
+                        peer.send_error = f"sending {msg.TYPE}: {e}"
+                        scope.cancel()
+                        return
+                    finally:
+                        _close_all(fds)
+            finally:  # fds queued with messages that will never go out
+                while True:
+                    try:
+                        item = outbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                    if isinstance(item, tuple):
+                        _close_all(item[1])
 
     async def _post(self, peer: Peer, msg: Any) -> None:
         """Queue `msg` for `peer`, waiting (bounded) when its outbox is full; a peer that stays
@@ -380,7 +393,8 @@ class Coordinator:
         hole, its content at T is lost and the snapshot cannot be proven. (MADV_DONTNEED
         raises the same event but changes no data: those pages still hold data.)"""
         for off, length in msg.ranges:
-            for page in range(off // self.page_size, (off + length) // self.page_size):
+            last = min((off + length) // self.page_size, self.npages)
+            for page in range(off // self.page_size, last):
                 if not run.saved[page] and _is_hole(self.obj.fd, page * self.page_size):
                     run.fail(f"pages at offset {page * self.page_size:#x} were removed "
                              "(MADV_REMOVE or a hole punch) during the snapshot: not trackable")
@@ -394,7 +408,9 @@ class Coordinator:
 
     def _on_fault(self, peer: Peer, msg: Fault) -> None:
         run = self.run
-        if run is None or run.phase == "releasing":
+        if run is None or run.phase in ("joining", "releasing"):
+            # stale: read before an earlier release (nothing is protected while joining);
+            # answered, never saved (its content is not the next snapshot's T)
             self._unprotect_one(peer, msg.offset)
             return
         run.faults += 1
@@ -436,6 +452,9 @@ class Coordinator:
 
     def _take_channel(self, peer: Peer, msg: FaultChannel, sock: int) -> None:
         """The agent's core forwards its faults over `sock`; ours serves them."""
+        if not is_unix_stream(sock):
+            os.close(sock)
+            raise RemoteProtocolError("faults: the fd passed is not a Unix stream socket")
         run = self.run
         if run is None or run.id != msg.snapshot or run.phase == "releasing":
             os.close(sock)
@@ -474,6 +493,9 @@ class Coordinator:
 
     def _take_delegate(self, peer: Peer, msg: Delegate, uffd: int) -> None:
         """Keep a copy of one of the agent's uffds; the native core serves its faults."""
+        if not K.is_userfaultfd(uffd):
+            os.close(uffd)
+            raise RemoteProtocolError("delegate: the fd passed is not a userfaultfd")
         maps = [Mapping(a, a + n, "rw-s", off, self.obj.object_id, "")
                 for a, n, off in msg.mappings]
         tracker = Tracker(uffd, msg.pid or None, self.obj.object_id, self.page_size, maps,
@@ -527,11 +549,34 @@ class Coordinator:
                 elif ev.kind == SC_GONE and ev.ident in run.channels:
                     self._channel_lost(run, run.channels[ev.ident])
                 elif entry is None:
-                    continue
+                    if ev.kind == SC_EVENT:  # its uffd was dropped meanwhile
+                        K.close_fork_uffd(ev.msg)
                 elif ev.kind == SC_GONE:  # exited or exec'd: nothing left to protect there
                     self._drop_delegated(*entry)
                 else:
                     self._core_event(run, ev.ident, *entry, K.decode_message(ev.msg))
+
+    def _leftover_core_events(self, run: Run) -> None:
+        """After the core stopped: what it read and we did not handle. Agents must still learn
+        of remaps and unmaps (to release the right ranges) and get forked children's uffds;
+        faults need nothing (release wakes them)."""
+        leftovers = [(ev.ident, ev.msg) for ev in run.core.take_events() if ev.kind == SC_EVENT]
+        leftovers += [(key, msg) for key in list(run.delegated)
+                      for msg in run.core.take_pending(key)]
+        for key, msg in leftovers:
+            event = K.decode_message(msg)
+            entry = run.delegated.get(key)
+            if entry is None or not isinstance(event, K.Fork | K.Remap | K.Unmap):
+                K.close_fork_uffd(msg)
+                continue
+            peer, tracker = entry
+            if isinstance(event, K.Fork):
+                self._forward(peer, Event(tracker.ident, "fork", child=self._next_child_ident),
+                              [event.uffd])
+                self._next_child_ident += 1
+                os.close(event.uffd)  # the agent has its own copy now (or will never need one)
+            else:
+                self._delegated_event(peer, tracker, event)
 
     def _core_event(self, run: Run, key: int, peer: Peer, tracker: Tracker,
                     event: K.UffdEvent) -> None:
@@ -567,9 +612,13 @@ class Coordinator:
                                                      if o is not None)))
 
     def _forward(self, peer: Peer, msg: Event, fds: list[int] | None = None) -> None:
+        """Queue an event for the agent. Passed fds are duplicated: the queue owns its copies
+        (closed once sent or dropped), whatever happens to ours meanwhile."""
+        owned = [os.dup(fd) for fd in fds or []]
         try:
-            peer.outbox.send_nowait((msg, fds or []))
+            peer.outbox.send_nowait((msg, owned))
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            _close_all(owned)
             if self.run is not None:
                 self.run.fail(f"agent for pid {peer.pid} fell behind on events")
 
@@ -794,6 +843,7 @@ class Coordinator:
     async def _release_all(self, run: Run) -> None:
         run.phase = "releasing"
         run.core.stop()
+        self._leftover_core_events(run)
         for peer in self.peers:
             self._close_delegated(peer)  # before the agents read their uffds again
             self._close_channel(peer)
@@ -881,6 +931,11 @@ async def _set_when_cancelled(flag: threading.Event) -> None:
 FORK_REPORT_GRACE_S = 2.0
 HOLE_CLAIM_BYTES = 64 << 20  # holes are claimed in pieces: the core returns runs per piece
 PROGRESS_BYTES = 64 << 20  # how often copy workers report progress
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _is_hole(fd: int, offset: int) -> bool:

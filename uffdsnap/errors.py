@@ -7,6 +7,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+class ProtocolError(Exception):
+    """A message that breaks the wire protocol (uffdsnap.protocol); the connection must be
+    dropped."""
+
+
 class SnapshotFailed(Exception):
     """A snapshot could not be completed or proven consistent; nothing was published."""
 

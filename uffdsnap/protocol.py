@@ -16,6 +16,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
+# defined in errors.py, so that the CLI can catch it without importing msgpack
+from uffdsnap.errors import ProtocolError as ProtocolError
+
 PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_RANGES = 4096
@@ -23,10 +26,6 @@ MAX_TEXT = 4096
 MAX_HISTOGRAM_BUCKETS = 1024
 _U63 = (1 << 63) - 1
 _HEADER = struct.Struct(">I")
-
-
-class ProtocolError(Exception):
-    """A message that breaks the protocol; the connection must be dropped."""
 
 
 class LocalProtocolError(ProtocolError):
@@ -375,7 +374,8 @@ def _check_field(name: str, kind: str, v: Any) -> Any:
 
 def _check_span(what: str, offset: int, length: int, geo: ObjectGeometry) -> None:
     ps = geo.page_size
-    if offset % ps or length % ps or length == 0 or offset + length > geo.size:
+    # (an object whose size is not a multiple of the page size ends in a partial page)
+    if offset % ps or length % ps or length == 0 or offset + length > -(-geo.size // ps) * ps:
         raise RemoteProtocolError(
             f"{what} [{offset:#x}, +{length:#x}) is not page-aligned inside the object "
             f"(size {geo.size:#x}, page {ps:#x})"
@@ -517,8 +517,8 @@ class Connection:
         self.state = self._next(self.peer_role, msg, RemoteProtocolError)
         if isinstance(msg, Welcome):
             ps = msg.page_size
-            if ps == 0 or ps & (ps - 1) or msg.size % ps:
-                raise RemoteProtocolError("welcome: page size must be a power of two dividing size")
+            if ps == 0 or ps & (ps - 1):  # (the object may end in a partial page)
+                raise RemoteProtocolError("welcome: page size must be a power of two")
             self.geometry = ObjectGeometry(msg.size, msg.page_size)
         check_geometry(msg, self.geometry)
         return msg

@@ -52,6 +52,16 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]], msg_flags: int = 0
     return received
 
 
+def is_unix_stream(fd: int) -> bool:
+    """Whether `fd` (passed to us by a peer) is a connected Unix stream socket."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    with sock:
+        return sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
+
+
 def peer_pid(sock: socket.socket) -> int:
     """The pid of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)

@@ -117,7 +117,7 @@ class SnapCore:
     def __init__(self, obj_fd: int, img_fd: int, size: int, page_size: int):
         self._lib = _library()
         self.page_size = page_size
-        self.npages = size // page_size
+        self.npages = -(-size // page_size)  # the last page may be partial
         ptr = self._lib.sc_new(obj_fd, img_fd, size, page_size)
         if not ptr:
             raise MemoryError("snapcore: cannot allocate the page map")

@@ -311,6 +311,22 @@ def decode_message(msg: bytes) -> UffdEvent:
     return UnknownEvent(event)
 
 
+def is_userfaultfd(fd: int) -> bool:
+    """Whether `fd` (passed to us by a peer) really is a userfaultfd."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+    except OSError:
+        return False
+
+
+def close_fork_uffd(msg: bytes) -> None:
+    """A message nobody will handle: if it is a fork event, close the child's uffd it carries
+    (installed in this process by the read), which releases the child."""
+    event = decode_message(msg)
+    if isinstance(event, Fork):
+        os.close(event.uffd)
+
+
 def decode_messages(buf: bytes) -> list[UffdEvent]:
     """Decode a read() of several messages."""
     if len(buf) % MSG_SIZE:
