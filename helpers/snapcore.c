@@ -57,6 +57,7 @@
  * 5 ms, 48 MiB/s (the faulting process is always un-protected at once). */
 #define BATCH_DELAY_NS 5000000ULL
 #define BATCH_MAX 512
+#define HELD_MAX (1u << 20) /* faults held until T, at most */
 #define SEND_TIMEOUT_S 10 /* a peer that takes no message for this long is dropped */
 #define MSG_SIZE 32
 #define READ_BATCH 64
@@ -420,8 +421,21 @@ static void chan_read(struct sc *c, struct chan *ch,
     }
 }
 
-/* Read whatever messages the uf has into its pending list. Returns how many, or -errno. */
+static void wake_thread(struct sc *c);
+static int drain_messages(struct uf *u);
+
+/* Read whatever messages the uf has into its pending list. Returns how many, or -errno. When
+ * called outside the fault thread (an ioctl from a copy worker or Python met EAGAIN), the fault
+ * thread is woken to handle what was read. */
 static int drain(struct sc *c, struct uf *u)
+{
+    int got = drain_messages(u);
+    if (got > 0 && !(c->thread_started && pthread_equal(pthread_self(), c->thread)))
+        wake_thread(c);
+    return got;
+}
+
+static int drain_messages(struct uf *u)
 {
     unsigned char buf[READ_BATCH * MSG_SIZE];
     int total = 0;
@@ -445,7 +459,6 @@ static int drain(struct sc *c, struct uf *u)
         if ((size_t)n < sizeof buf)
             return total;
     }
-    (void)c;
 }
 
 static void mark_dead(struct sc *c, struct uf *u, int err)
@@ -607,6 +620,10 @@ static void serve_page(struct sc *c, struct uf *u, struct chan *ch, uint64_t off
 
 static int hold(struct sc *c, int64_t ident, int is_chan, uint64_t off, uint64_t seen)
 {
+    if (c->nheld >= HELD_MAX) { /* more than any real workload blocks: a flooding peer */
+        fail(c, ident, EOVERFLOW);
+        return -1;
+    }
     if (reserve((void **)&c->held, &c->held_cap, c->nheld + 1, sizeof *c->held) < 0) {
         fail(c, ident, ENOMEM);
         return -1;
