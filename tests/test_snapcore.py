@@ -252,3 +252,25 @@ def test_an_object_ending_in_a_partial_page(tmp_path: object) -> None:
         core.close()
         os.close(img)
         os.close(obj)
+
+
+@pytest.mark.parametrize("frame", [
+    protocol.encode(protocol.Unprotect(((0, PAGE),))),  # valid msgpack, not the fixed encoding
+    fixed_frame("unprotect", ranges=(100, PAGE)),  # not page-aligned
+    fixed_frame("unprotect", ranges=(0, 0)),  # empty
+    fixed_frame("unprotect", ranges=((1 << 64) - PAGE, 2 * PAGE)),  # wraps around
+    fixed_frame("fault", offset=0, tid=0, seen_ns=0),  # wrong direction
+])
+def test_agent_channel_rejects_anything_else(frame: bytes) -> None:
+    core = SnapCore.for_agent(PAGE)
+    ours, theirs = socket.socketpair()
+    try:
+        core.forward(0, theirs.fileno())
+        ours.sendall(frame)
+        assert select.select([core.notify_fd], [], [], TIMEOUT)[0]
+        assert [(e.ident, e.kind, e.err) for e in core.take_events()] == [
+            (0, SC_FAILED, errno.EPROTO)]
+    finally:
+        core.close()
+        ours.close()
+        theirs.close()
