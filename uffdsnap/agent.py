@@ -327,11 +327,26 @@ class Agent:
         core.stop()
         by_ident = {t.ident: t for t in self.trackers}
         events = [e for e in core.take_events() if e.kind == SC_EVENT]
-        for tracker in self.trackers:
+        for tracker in list(self.trackers):
             tracker.drain = None
             msgs = [e.msg for e in events if e.ident == tracker.ident]
             msgs += core.take_pending(tracker.ident)
-            tracker.backlog.extend(K.decode_message(m) for m in msgs)
+            for i, msg in enumerate(msgs):
+                # moves and unmaps now, so that a release that follows covers the right
+                # ranges; the rest waits in the backlog for the reader
+                event = K.decode_message(msg)
+                try:
+                    if isinstance(event, K.Remap):
+                        tracker.remapped(event)
+                    elif isinstance(event, K.Unmap):
+                        tracker.unmapped(event.start, event.end)
+                    else:
+                        tracker.backlog.append(event)
+                except (KernelError, ProcessLookupError):
+                    self.drop(tracker)  # its address space is gone
+                    for rest in msgs[i + 1:]:
+                        K.close_fork_uffd(rest)
+                    break
         for e in events:  # a dropped tracker's fork event: nobody will serve that child
             event = K.decode_message(e.msg)
             if e.ident not in by_ident and isinstance(event, K.Fork):
