@@ -190,3 +190,51 @@ def test_delegated_coordinator_killed(shm_path: str, writers: list[wl.WriterProc
     assert_writers_resume(shm_path, writers)
     wait_gone(agents)
     assert_nothing_published(out)
+
+
+# ---- a (fake) agent that passes the coordinator the wrong kind of fd -------------------------
+
+
+@pytest.mark.parametrize("delegate", [True, False], ids=["delegate", "faults"])
+async def test_passed_fd_of_the_wrong_kind_is_refused(delegate: bool, shm_path: str,
+                                                      tmp_path: Path) -> None:
+    """A uffd delegated to the coordinator must be a userfaultfd, a fault channel a Unix stream
+    socket: a pipe instead drops that agent and fails the snapshot, naming why."""
+    import trio
+
+    from conftest import running_coordinator
+    from uffdsnap.channel import PeerClosed, connect
+    from uffdsnap.errors import SnapshotFailed
+    from uffdsnap.protocol import PROTOCOL_VERSION, Delegate, FaultChannel, Hello, Protect, Role
+
+    make_workload(shm_path, 1, 16)
+    r, w = os.pipe()
+    try:
+        async with running_coordinator(shm_path, tmp_path, attach=False,
+                                       delegate=delegate) as (coordinator, sock):
+            chan = await connect(sock, Role.AGENT)
+            await chan.send(Hello(PROTOCOL_VERSION, "agent", os.getpid(), "enlist", "fake"))
+            await chan.receive()  # welcome
+
+            async def fake_agent() -> None:
+                msg = await chan.receive()
+                assert isinstance(msg, Protect)
+                bad = (Delegate(1, os.getpid(), ()) if delegate else
+                       FaultChannel(msg.snapshot))
+                await chan.send(bad, fds=[r])
+                with pytest.raises(PeerClosed):
+                    while True:  # an abort naming the problem, then the connection closes
+                        await chan.receive()
+
+            with trio.fail_after(20):  # (without the check, the snapshot would wait for us)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(fake_agent)
+                    with pytest.raises(SnapshotFailed) as failed:
+                        await coordinator.snapshot(str(tmp_path / "x.img"))
+            assert ("not a userfaultfd" if delegate else "not a Unix stream socket") in str(
+                failed.value)
+            assert not list(tmp_path.glob("x.img*"))
+            chan.close()
+    finally:
+        os.close(r)
+        os.close(w)
