@@ -589,6 +589,8 @@ class ImageWriter:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store object bytes at `offset` (page-aligned); all-zero blocks are left as holes.
+        (The coordinator writes through its native core by the same rule, helpers/snapcore.c
+        `store`, into `fd`; this is for writers in Python.)
 
         Stop every writing thread before publish/abort: after abort the fd number is closed and
         may be reused by another file.
@@ -604,14 +606,6 @@ class ImageWriter:
         except OSError as e:
             raise OSError(e.errno, f"writing image {self.path} at offset {offset}: "
                           f"{e.strerror or e}") from None
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes already written at [offset, offset+length); holes read as zeros."""
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"range [{offset}, +{length}) is outside the object")
-        out = bytearray(length)
-        _pread_exact(self.fd, memoryview(out), offset)
-        return bytes(out)
 
     def record_extent(self, offset: int, length: int, checksum: str) -> None:
         """Note that [offset, offset+length) was saved with `checksum` (of extent_checksum)."""
