@@ -171,7 +171,7 @@ class Agent:
             self._next_ident += 1
         self.trackers.append(tracker)
         if self.core is not None:
-            self._lend(self.core, tracker)
+            tracker.lend(self.core, tracker.ident)
         if self._nursery is not None:
             self._nursery.start_soon(self._read_faults, tracker)
             if tracker.pidfd >= 0:
@@ -308,15 +308,10 @@ class Agent:
         self.core, self._fault_sock = core, ours
         core.forward(FORWARD_IDENT, ours.fileno())
         for tracker in list(self.trackers):
-            self._lend(core, tracker)
+            tracker.lend(core, tracker.ident)
         assert self._nursery is not None
         self._nursery.start_soon(self._core_events, core)
         return theirs
-
-    def _lend(self, core: SnapCore, tracker: Tracker) -> None:
-        ident = tracker.ident
-        tracker.drain = lambda: core.drain(ident)
-        core.add(ident, tracker.uffd, tracker.spans_with_offsets())
 
     def _stop_core(self) -> None:
         """Take the uffds back: what the core read but did not handle goes to the backlogs
@@ -325,7 +320,7 @@ class Agent:
         if core is None:
             return
         core.stop()
-        by_ident = {t.ident: t for t in self.trackers}
+        tracked = {t.ident for t in self.trackers}
         events = [e for e in core.take_events() if e.kind == SC_EVENT]
         for tracker in list(self.trackers):
             tracker.drain = None
@@ -348,9 +343,8 @@ class Agent:
                         K.close_fork_uffd(rest)
                     break
         for e in events:  # a dropped tracker's fork event: nobody will serve that child
-            event = K.decode_message(e.msg)
-            if e.ident not in by_ident and isinstance(event, K.Fork):
-                os.close(event.uffd)
+            if e.ident not in tracked:
+                K.close_fork_uffd(e.msg)
         stats = core.stats()
         self.log.faults += stats.faults
         self.log.hist.merge(stats.service_buckets, stats.service_max_ns)

@@ -183,7 +183,7 @@ class Coordinator:
         # faults and un-protect directly, with no message round trips.
         self.delegate = delegate
         self._next_child_ident = 1 << 32
-        self._next_core_ident = 1
+        self._next_core_ident = 0
         self._nursery: trio.Nursery | None = None
         # Test hooks (never set in normal use): deliberately wrong behaviours that prove the
         # checker catches them, and pauses at a phase so tests can kill a process there.
@@ -460,8 +460,7 @@ class Coordinator:
             os.close(sock)
             return
         self._close_channel(peer)
-        key = self._next_core_ident
-        self._next_core_ident += 1
+        key = self._core_key()
         peer.fault_channel = sock
         run.channels[key] = peer
         run.fault_channels += 1
@@ -469,6 +468,11 @@ class Coordinator:
             run.core.add_channel(key, sock)
         except KernelError as e:
             run.fail(f"serving faults of pid {peer.pid}: {e}")
+
+    def _core_key(self) -> int:
+        """A name for a uffd or channel in the core, unique for this coordinator."""
+        self._next_core_ident += 1
+        return self._next_core_ident
 
     def _close_channel(self, peer: Peer) -> None:
         if peer.fault_channel < 0:
@@ -508,13 +512,10 @@ class Coordinator:
         if run is None or run.phase == "releasing":
             self._drop_delegated(peer, tracker)  # nothing to serve: the agent keeps its own
             return
-        key = self._next_core_ident
-        self._next_core_ident += 1
+        key = self._core_key()
         run.delegated[key] = (peer, tracker)
-        # Our ioctls on it that meet EAGAIN hand its messages to the core, the one reader.
-        tracker.drain = lambda: run.core.drain(key)
         try:
-            run.core.add(key, tracker.uffd, tracker.spans_with_offsets())
+            tracker.lend(run.core, key)
         except KernelError as e:
             run.fail(f"serving faults of pid {tracker.pid}: {e}")
 

@@ -13,10 +13,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.procmaps import Mapping, ObjectId, mappings_of
+
+if TYPE_CHECKING:
+    from uffdsnap.kernel.snapcore import SnapCore
 
 
 def boot_ticks() -> int:
@@ -174,6 +178,12 @@ class Tracker:
             if lo < hi:
                 out.append((m.start + lo - m.offset, hi - lo))
         return out
+
+    def lend(self, core: SnapCore, key: int) -> None:
+        """Let a native core read and serve this uffd under the name `key`; it becomes the
+        only reader, so our ioctls that meet EAGAIN hand it the messages (`drain`)."""
+        self.drain = lambda: core.drain(key)
+        core.add(key, self.uffd, self.spans_with_offsets())
 
     def spans_with_offsets(self) -> list[tuple[int, int, int]]:
         """Every mapping as (address, length, object offset): what the wire and the native
