@@ -19,6 +19,7 @@ from collections.abc import Callable
 import trio
 
 from uffdsnap.channel import Channel, PeerClosed, connect
+from uffdsnap.groups import unwrap_group
 from uffdsnap.kernel import snapcore
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
@@ -131,7 +132,8 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
             uffd = pidfd = -1  # the tracker owns them now
             if on_joined is not None:
                 on_joined()
-            return await agent.serve(chan)
+            with unwrap_group():
+                return await agent.serve(chan)
         finally:
             chan.close()
     finally:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 from typing import NoReturn
 
 from uffdsnap.errors import ProtocolError, SnapshotFailed, UserError
+from uffdsnap.groups import principal
 from uffdsnap.output import error_line
 
 # subcommand -> (module, one-line help)
@@ -50,6 +52,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="log what happens (and the traceback of an internal error) on stderr")
         p.set_defaults(_module=module)
         if only is None or name == only:
             importlib.import_module(module).configure(p)
@@ -72,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    _configure_logging(args.verbose)
     module = importlib.import_module(args._module)
     try:
-        return int(module.run(args))
+        try:
+            return int(module.run(args))
+        except BaseExceptionGroup as group:  # whatever a nursery let out: its principal error
+            raise principal(group) from None
     except (UserError, SnapshotFailed) as e:
         return _fail(args, str(e), e.exit_code)
     except KeyboardInterrupt:
@@ -83,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(e), 1)
     except ProtocolError as e:  # a peer that speaks the protocol wrongly
         return _fail(args, f"protocol error: {e}", 1)
+    except Exception as e:  # a bug: still one line, never a traceback (unless asked for)
+        logging.getLogger("uffdsnap").debug("internal error", exc_info=True)
+        return _fail(args, f"internal error: {type(e).__name__}: {e} (please report it)", 1)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Warnings and errors of every module on stderr; everything with --verbose."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="uffdsnap: %(levelname)s: %(name)s: %(message)s")
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -14,6 +14,7 @@ and speaks only in object offsets.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import threading
@@ -27,7 +28,8 @@ import trio
 
 from uffdsnap.attacher import Attacher
 from uffdsnap.channel import Channel, PeerClosed
-from uffdsnap.errors import SnapshotFailed
+from uffdsnap.errors import SnapshotFailed, UserError
+from uffdsnap.groups import unwrap_group
 from uffdsnap.image import ImageWriter, extent_checksum
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
@@ -70,6 +72,8 @@ from uffdsnap.protocol import (
 from uffdsnap.stats import LatencyHistogram, monotonic_ns
 from uffdsnap.testhooks import hooks_from_environment
 from uffdsnap.tracker import GONE, Tracker
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 # Copy worker threads: each keeps one CPU busy copying, and a writer blocked on a fault needs a
@@ -204,16 +208,19 @@ class Coordinator:
                 nursery.start_soon(self._serve_connection, Channel(sock, Role.COORDINATOR))
 
     async def _serve_connection(self, chan: Channel) -> None:
+        """One peer, start to end. Whatever goes wrong here ends this connection only: the
+        coordinator keeps serving every other peer and client."""
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                hello = await chan.receive()
-            assert isinstance(hello, Hello)  # the state machine admits nothing else first
-            if hello.role == Role.CLIENT.value:
-                await chan.send(self._welcome())
-                await self._serve_client(chan)
-            else:
-                await self._serve_agent(chan, hello)
-        except (PeerClosed, trio.TooSlowError):
+            with unwrap_group():
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    hello = await chan.receive()
+                assert isinstance(hello, Hello)  # the state machine admits nothing else first
+                if hello.role == Role.CLIENT.value:
+                    await chan.send(self._welcome())
+                    await self._serve_client(chan)
+                else:
+                    await self._serve_agent(chan, hello)
+        except (PeerClosed, trio.TooSlowError, OSError):
             pass
         except ProtocolError as e:
             with trio.move_on_after(1):
@@ -221,6 +228,9 @@ class Coordinator:
                     await chan.send(Abort(f"protocol error: {e}"))
                 except (PeerClosed, ProtocolError, OSError):
                     pass
+        except Exception as e:  # a bug must not take every other peer down with it
+            log.error("connection dropped after an unexpected error: %s: %s",
+                      type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             chan.close()
 
@@ -235,9 +245,10 @@ class Coordinator:
             if isinstance(msg, Snap):
                 try:
                     summary = await self.snapshot(msg.output, overwrite=msg.overwrite)
+                except (SnapshotFailed, UserError, OSError) as e:
+                    await chan.send(Result(False, str(e) or type(e).__name__, {}))
+                else:
                     await chan.send(Result(True, "", _flat(summary)))
-                except SnapshotFailed as e:
-                    await chan.send(Result(False, str(e), {}))
             elif isinstance(msg, Abort):
                 return
 
@@ -252,18 +263,24 @@ class Coordinator:
         # Join before the welcome goes out: an enlisting workload carries on as soon as its
         # agent is welcomed, and a snapshot started then must already count it as tracked.
         self._join(peer)
+        why = ""
         try:
             await chan.send(self._welcome())  # first; whatever _join queued follows it
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_loop, peer, outbox_recv, nursery.cancel_scope)
-                await self._agent_messages(peer)
-                nursery.cancel_scope.cancel()
+            with unwrap_group():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop, peer, outbox_recv, nursery.cancel_scope)
+                    await self._agent_messages(peer)
+                    nursery.cancel_scope.cancel()
         except (PeerClosed, ProtocolError, OSError) as e:
-            self._lost(peer, f"agent for pid {peer.pid} ({peer.comm}) lost: {e}")
-        else:
-            self._lost(peer, f"agent for pid {peer.pid} ({peer.comm}) lost: {peer.send_error}"
-                       if peer.send_error else "")
+            why = f"agent for pid {peer.pid} ({peer.comm}) lost: {e}"
+        except Exception as e:
+            log.error("agent for pid %d: unexpected error: %s: %s", peer.pid,
+                      type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            why = f"agent for pid {peer.pid} ({peer.comm}) lost: {type(e).__name__}: {e}"
         finally:
+            if not why and peer.send_error:
+                why = f"agent for pid {peer.pid} ({peer.comm}) lost: {peer.send_error}"
+            self._lost(peer, why)  # on every way out, cancellation included
             self._close_delegated(peer)
             self._close_channel(peer)
             os.close(pidfd)
@@ -652,7 +669,8 @@ class Coordinator:
             self.run = run
             self._paused.clear()
             try:
-                summary = await self._take(run)
+                with unwrap_group():
+                    summary = await self._take(run)
                 writer.publish(self._manifest(run, summary))
                 return summary
             except BaseException:

@@ -20,6 +20,7 @@ from uffdsnap import native
 from uffdsnap import workload as wl
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import SnapshotFailed, UserError
+from uffdsnap.groups import unwrap_group
 from uffdsnap.image import verify
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.procmaps import open_object
@@ -87,20 +88,21 @@ async def _run(shm: str, workdir: str, writers: list[wl.WriterProcess],
     listener = await listen(sock)
     coordinator = Coordinator(obj, attach_path=sock)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(coordinator.serve, listener)
-            say(f"coordinator listening on {sock}")
-            await trio.to_thread.run_sync(_start_writers, shm, sock, writers)
-            say(f"started {NATIVE_WRITERS} native writers (unmodified; pids "
-                f"{', '.join(str(w.pid) for w in writers[:NATIVE_WRITERS])}) and "
-                f"{ENLISTED_WRITERS} Python writers that enlisted (pids "
-                f"{', '.join(str(w.pid) for w in writers[NATIVE_WRITERS:])})")
-            before = wl.read_live_seqs(shm)
-            say("taking a snapshot while every writer keeps writing ...")
-            out = os.path.join(workdir, "demo.img")
-            summary = await coordinator.snapshot(out)
-            after = wl.read_live_seqs(shm)
-            nursery.cancel_scope.cancel()
+        with unwrap_group():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(coordinator.serve, listener)
+                say(f"coordinator listening on {sock}")
+                await trio.to_thread.run_sync(_start_writers, shm, sock, writers)
+                say(f"started {NATIVE_WRITERS} native writers (unmodified; pids "
+                    f"{', '.join(str(w.pid) for w in writers[:NATIVE_WRITERS])}) and "
+                    f"{ENLISTED_WRITERS} Python writers that enlisted (pids "
+                    f"{', '.join(str(w.pid) for w in writers[NATIVE_WRITERS:])})")
+                before = wl.read_live_seqs(shm)
+                say("taking a snapshot while every writer keeps writing ...")
+                out = os.path.join(workdir, "demo.img")
+                summary = await coordinator.snapshot(out)
+                after = wl.read_live_seqs(shm)
+                nursery.cancel_scope.cancel()
     finally:
         listener.close()
         obj.close()

@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from uffdsnap.coordinator import Coordinator
+from uffdsnap.groups import unwrap_group
 from uffdsnap.kernel.procmaps import SharedObject
 
 
@@ -37,10 +38,11 @@ async def attach_and_snapshot(obj: SharedObject, output: str, *, overwrite: bool
                                   delegate=delegate, on_progress=on_progress,
                                   test_hooks=test_hooks)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(coordinator.serve, listener)
-                summary = await coordinator.snapshot(output, overwrite=overwrite)
-                nursery.cancel_scope.cancel()
+            with unwrap_group():
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(coordinator.serve, listener)
+                    summary = await coordinator.snapshot(output, overwrite=overwrite)
+                    nursery.cancel_scope.cancel()
         finally:
             listener.close()
     return summary

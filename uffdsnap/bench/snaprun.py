@@ -26,6 +26,7 @@ import trio
 from uffdsnap.bench.config import MODES
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import SnapshotFailed, UserError
+from uffdsnap.groups import unwrap_group
 from uffdsnap.kernel.procmaps import ObjectError, SharedObject, open_object
 from uffdsnap.orchestrate import listen
 
@@ -50,10 +51,11 @@ async def snapshot(obj: SharedObject, output: str, mode: str, timeout: float) ->
         listener = await listen(path)
         coordinator = Coordinator(obj, protect_timeout=timeout, attach_path=path, **MODES[mode])
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(coordinator.serve, listener)
-                summary = await coordinator.snapshot(output)
-                nursery.cancel_scope.cancel()
+            with unwrap_group():
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(coordinator.serve, listener)
+                    summary = await coordinator.snapshot(output)
+                    nursery.cancel_scope.cancel()
         finally:
             listener.close()
     return summary

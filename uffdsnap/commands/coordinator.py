@@ -12,6 +12,7 @@ import trio
 from uffdsnap.commands.snapshot import add_mode_argument
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import UserError
+from uffdsnap.groups import unwrap_group
 from uffdsnap.kernel.procmaps import ObjectError, open_object
 from uffdsnap.orchestrate import listen
 
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
                               attach_path=path if args.attach else None,
                               delegate=args.mode == "delegated")
     try:
-        trio.run(_serve, coordinator, path)
+        with unwrap_group():
+            trio.run(_serve, coordinator, path)
     finally:
         obj.close()
         if os.path.exists(path):
