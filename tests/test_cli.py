@@ -75,12 +75,13 @@ def test_json_failure_is_one_object(tmp_path: Path) -> None:
     assert result["ok"] is False and "no such object" in result["error"]
 
 
-def test_without_a_compiler_the_native_core_is_named(shm_path: str, tmp_path: Path) -> None:
-    """The data path is C built on first use: without a compiler, one line says what to do."""
+def test_snapshots_need_no_compiler(shm_path: str, tmp_path: Path) -> None:
+    """The native core ships in the package (built when it was installed): a snapshot works
+    with no C compiler anywhere on PATH."""
     make_workload(shm_path, 1, 16)
     proc = subprocess.run([sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path,
                            "-o", str(tmp_path / "x.img")], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "CC": "/nonexistent/cc"})
-    assert_one_line_error(proc, "no C compiler found")
-    assert "install gcc" in proc.stderr
-    assert not list(tmp_path.glob("*.img*"))
+                          timeout=60, env={**os.environ, "CC": "/nonexistent/cc",
+                                           "PATH": "/nonexistent"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "x.img").is_file()

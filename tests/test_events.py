@@ -97,9 +97,9 @@ class Lifecycle:
     """A helpers/lifecycle.c writer: forks a child writer on SIGUSR1, mremaps on SIGUSR2."""
 
     def __init__(self, path: str, index: int, child_index: int, supervisor: bool = False):
-        from uffdsnap import native
+        from uffdsnap import devbuild
 
-        self.proc = subprocess.Popen([str(native.build("lifecycle")), "--object", path,
+        self.proc = subprocess.Popen([str(devbuild.build("lifecycle")), "--object", path,
                                       "--index", str(index), "--child-index",
                                       str(child_index)] + (["--supervisor"] if supervisor
                                                            else []),

@@ -238,3 +238,84 @@ async def test_passed_fd_of_the_wrong_kind_is_refused(delegate: bool, shm_path: 
     finally:
         os.close(r)
         os.close(w)
+
+
+# ---- a long-running coordinator outlives whatever one peer or request does -------------------
+
+
+def _talk(sock_path: str, role: Role, *frames: bytes) -> socket.socket:
+    """Connect, send our hello (as `role`) and then `frames` verbatim; return the socket."""
+    from uffdsnap.protocol import Hello
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(sock_path)
+    conn = Connection(role)
+    s.sendall(conn.send(Hello(PROTOCOL_VERSION, role.value, os.getpid(), "enlist", "fake")))
+    for frame in frames:
+        s.sendall(frame)
+    return s
+
+
+def _request(sock_path: str, output: str) -> object:
+    """A client's snapshot request over the raw protocol; the coordinator's answer."""
+    from uffdsnap.protocol import Hello, Result, Snap
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(sock_path)
+    conn = Connection(Role.CLIENT)
+    with s:
+        s.sendall(conn.send(Hello(PROTOCOL_VERSION, Role.CLIENT.value, os.getpid())))
+        while True:
+            msg = conn.next_message()
+            if isinstance(msg, Welcome):
+                s.sendall(conn.send(Snap(output, False)))
+            elif isinstance(msg, Result):
+                return msg
+            elif msg is None:
+                data = s.recv(65536)
+                assert data, "the coordinator closed the connection without a result"
+                conn.receive_data(data)
+
+
+def test_long_running_coordinator_survives_bad_peers_and_requests(
+        shm_path: str, writers: list[wl.WriterProcess], tmp_path: Path) -> None:
+    """Malformed frames from a peer, a peer that vanishes mid-handshake or mid-snapshot, and
+    requests whose output cannot be written each end that connection or request only: the
+    coordinator (trio's strict exception groups and all) keeps serving, and the next snapshot
+    is consistent."""
+    sock = str(tmp_path / "c.sock")
+    coord = subprocess.Popen([sys.executable, "-m", "uffdsnap", "coordinator", "--shm",
+                              shm_path, "--listen", sock, "--attach"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in coord.stdout.readline()
+        # peers that speak garbage, as an agent and as a client, or hang up at once
+        for kind, frame in MALFORMED.items():
+            for role in (Role.AGENT, Role.CLIENT):
+                with _talk(sock, role, frame) as s:
+                    assert s.recv(1 << 16) is not None, kind  # dropped, not a dead server
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(sock)  # connects, vanishes
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(sock)
+        raw.sendall(b"\x00\x00")  # half a frame header, then gone
+        raw.close()
+        # outputs that cannot be written: one failed result each, nothing created
+        for bad in (str(tmp_path / "missing" / "x.img"), str(tmp_path), "/proc/x.img",
+                    str(tmp_path / "nul\0.img")):
+            result = _request(sock, bad)
+            assert result.ok is False and result.reason, bad
+            assert "\n" not in result.reason
+        assert coord.poll() is None
+        # and it still takes consistent snapshots for the next client
+        for n in range(2):
+            out = str(tmp_path / f"ok{n}.img")
+            result = _request(sock, out)
+            assert result.ok, result.reason
+            assert wl.check_file(out).ok and verify(out).ok
+    finally:
+        coord.send_signal(signal.SIGTERM)
+        _, stderr = coord.communicate(timeout=30)
+    assert coord.returncode == 0, stderr
+    assert "Traceback" not in stderr

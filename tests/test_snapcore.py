@@ -1,4 +1,5 @@
-"""The native core (helpers/snapcore.c via uffdsnap.kernel.snapcore) against the real kernel.
+"""The native core (uffdsnap/native/src/snapcore.c via uffdsnap.kernel.snapcore) against the
+real kernel.
 
 A separate writer process (test_kernel_uffd's process A) maps a memfd and hands us its uffd; the
 core serves its faults the way the coordinator (delegated mode) and an agent (agents mode) use
@@ -274,3 +275,26 @@ def test_agent_channel_rejects_anything_else(frame: bytes) -> None:
         core.close()
         ours.close()
         theirs.close()
+
+
+def test_a_core_of_another_abi_is_refused_in_one_line() -> None:
+    """A stale or foreign library (other ABI version, other struct sizes) fails at load with
+    one line, instead of being called with the wrong layout."""
+    from uffdsnap.errors import UserError
+    from uffdsnap.kernel import snapcore
+
+    class Foreign:
+        @staticmethod
+        def sc_abi_version() -> int:
+            return snapcore.ABI_VERSION + 1
+
+    with pytest.raises(UserError, match="does not match") as e:
+        snapcore._check_abi(Foreign(), "/x/_snapcore.so")  # type: ignore[arg-type]
+    assert "\n" not in str(e.value)
+
+    class Unversioned:  # a library from before the ABI check
+        pass
+
+    with pytest.raises(UserError, match="ABI 0"):
+        snapcore._check_abi(Unversioned(), "/x/_snapcore.so")  # type: ignore[arg-type]
+    snapcore.load()  # and the one installed with the package matches

@@ -84,7 +84,7 @@ async def test_snapshot_command_attaches_every_mapper(shm_path: str, tmp_path: P
     out = str(tmp_path / "cli.img")
     try:
         proc = await trio.run_process(
-            ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", out, "--json"],
+            [sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", out, "--json"],
             capture_stdout=True, capture_stderr=True, check=False)
         assert proc.returncode == 0, proc.stderr.decode()
         result = wl.check_file(out)
@@ -126,7 +126,7 @@ async def test_unprivileged_writers_are_attached(shm_path: str, tmp_path: Path) 
     out = str(tmp_path / "nobody.img")
     try:
         proc = await trio.run_process(
-            ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", out, "--json"],
+            [sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", out, "--json"],
             capture_stdout=True, capture_stderr=True, check=False)
         assert proc.returncode == 0, proc.stderr.decode()
         summary = json.loads(proc.stdout)
@@ -145,21 +145,22 @@ async def test_restore_reproduces_the_state_at_t(shm_path: str, tmp_path: Path) 
     live = str(tmp_path / "live.img")
     try:
         proc = await trio.run_process(
-            ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", live],
+            [sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", live],
             capture_stdout=True, capture_stderr=True, check=False)
         assert proc.returncode == 0, proc.stderr.decode()
     finally:
         final = stop_writers(shm_path, writers)
     restored = shm_path + "-restored"
     try:
-        await trio.run_process(["python3", "-m", "uffdsnap", "restore", live, "--to", restored])
+        await trio.run_process([sys.executable, "-m", "uffdsnap", "restore", live, "--to",
+                                restored])
         assert Path(restored).read_bytes() == Path(live).read_bytes()
         assert wl.check_file(restored).ok
         # writers stopped: a snapshot now must equal the object byte for byte
         quiet = str(tmp_path / "quiet.img")
-        await trio.run_process(["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path,
+        await trio.run_process([sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path,
                                 "-o", quiet], capture_stdout=True)
-        await trio.run_process(["python3", "-m", "uffdsnap", "restore", quiet, "--to",
+        await trio.run_process([sys.executable, "-m", "uffdsnap", "restore", quiet, "--to",
                                 restored, "--force"], capture_stdout=True)
         assert Path(restored).read_bytes() == Path(shm_path).read_bytes()
         assert wl.check_file(restored).seqs == final
@@ -172,7 +173,7 @@ async def test_long_running_coordinator_via_cli(shm_path: str, tmp_path: Path) -
     `uffdsnap snapshot --coordinator` request."""
     make_workload(shm_path, 4, data_pages=512)
     sock = str(tmp_path / "c.sock")
-    coord = subprocess.Popen(["python3", "-m", "uffdsnap", "coordinator", "--shm", shm_path,
+    coord = subprocess.Popen([sys.executable, "-m", "uffdsnap", "coordinator", "--shm", shm_path,
                               "--listen", sock, "--attach"], stdout=subprocess.PIPE, text=True)
     writers: list[wl.WriterProcess] = []
     try:
@@ -181,7 +182,7 @@ async def test_long_running_coordinator_via_cli(shm_path: str, tmp_path: Path) -
         for n in range(2):
             out = str(tmp_path / f"c{n}.img")
             proc = await trio.run_process(
-                ["python3", "-m", "uffdsnap", "snapshot", "--coordinator", sock, "-o", out,
+                [sys.executable, "-m", "uffdsnap", "snapshot", "--coordinator", sock, "-o", out,
                  "--json"], capture_stdout=True, capture_stderr=True, check=False)
             assert proc.returncode == 0, proc.stderr.decode()
             assert json.loads(proc.stdout)["processes_count"] == 4
@@ -197,12 +198,12 @@ async def test_long_running_coordinator_via_cli(shm_path: str, tmp_path: Path) -
 async def test_both_modes_give_the_same_bytes(shm_path: str, tmp_path: Path) -> None:
     """For a frozen object (processes map it writable, so agents attach and protect, but none
     writes), agents mode and delegated mode produce identical images, equal to the object."""
-    from uffdsnap import native
+    from uffdsnap import devbuild
 
     make_workload(shm_path, 4, data_pages=256)
     for w in start_writers(shm_path, native=4, max_ops=3000):
         assert w.proc.wait(timeout=60) == 0  # fill the object, then exit
-    idle = [subprocess.Popen([str(native.build("lifecycle")), "--object", shm_path, "--index",
+    idle = [subprocess.Popen([str(devbuild.build("lifecycle")), "--object", shm_path, "--index",
                               str(i), "--supervisor"], stdout=subprocess.PIPE,
                              stdin=subprocess.DEVNULL, text=True)
             for i in range(2)]
@@ -214,7 +215,7 @@ async def test_both_modes_give_the_same_bytes(shm_path: str, tmp_path: Path) -> 
         for mode in ("agents", "delegated"):
             out = str(tmp_path / f"{mode}.img")
             proc = await trio.run_process(
-                ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", out,
+                [sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", out,
                  "--mode", mode, "--json"], capture_stdout=True, capture_stderr=True,
                 check=False)
             assert proc.returncode == 0, proc.stderr.decode()
@@ -245,7 +246,7 @@ async def test_object_whose_size_is_not_whole_pages(mode: str, shm_path: str,
         assert mapper.stdout is not None and mapper.stdout.readline().strip() == "ready"
         out = tmp_path / "tail.img"
         proc = await trio.run_process(
-            ["python3", "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", str(out),
+            [sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path, "-o", str(out),
              "--mode", mode, "--json"], capture_stdout=True, capture_stderr=True, check=False)
         assert proc.returncode == 0, proc.stderr.decode()
         assert [p["pid"] for p in json.loads(proc.stdout)["processes"]] == [mapper.pid]

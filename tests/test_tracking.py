@@ -32,7 +32,7 @@ from conftest import (
     running_coordinator,
     spawn_writers,
 )
-from uffdsnap import native
+from uffdsnap import devbuild
 from uffdsnap import workload as wl
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.image import load_manifest, manifest_path, verify
@@ -206,7 +206,7 @@ class Server:
     def start(cls, workers: int, data_pages: int, page_size: int, *, listen: str | None = None,
               rate: float = 0) -> Server:
         """Start it: workers serve requests on `listen`, or else step at `rate` on their own."""
-        argv = [str(native.build("preforker")), "--workers", str(workers), "--data-pages",
+        argv = [str(devbuild.build("preforker")), "--workers", str(workers), "--data-pages",
                 str(data_pages), "--page-size", str(page_size), "--rate", str(rate)]
         if listen:
             argv += ["--listen", listen]

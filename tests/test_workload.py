@@ -1,6 +1,7 @@
 """The consistency-checker workload: step math, the checker's verdicts, and real writer processes.
 
-Process tests run native (helpers/writer.c) and Python writers on /dev/shm objects and memfds.
+Process tests run native (uffdsnap/native/src/writer.c) and Python writers on /dev/shm objects
+and memfds.
 Synchronization is by events: the writers' "ready" line, waitpid(WUNTRACED) for SIGSTOP, and
 polling the live seqs for a condition with a deadline. No timed assertions.
 """
@@ -23,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from uffdsnap import native
+from uffdsnap import devbuild, native
 from uffdsnap import workload as wl
 from uffdsnap.errors import UserError
 
@@ -76,7 +77,7 @@ def writers() -> Iterator[list[wl.WriterProcess]]:
 
 @pytest.fixture(scope="session")
 def writer_bin() -> Path:
-    return native.build("writer")
+    return native.program(native.WRITER)
 
 
 def start(started: list[wl.WriterProcess], path: str, specs: list[dict[str, object]]) -> None:
@@ -421,9 +422,16 @@ def test_check_file(tmp_path: Path) -> None:
 
 # --- the native build -------------------------------------------------------------------------
 
-def test_build_is_cached(writer_bin: Path) -> None:
-    assert writer_bin.is_file() and os.access(writer_bin, os.X_OK)
-    assert native.build("writer") == writer_bin
+def test_build_is_cached() -> None:
+    lifecycle = devbuild.build("lifecycle")
+    assert lifecycle.is_file() and os.access(lifecycle, os.X_OK)
+    assert devbuild.build("lifecycle") == lifecycle
+
+
+def test_the_writer_ships_in_the_package(writer_bin: Path) -> None:
+    """The demo's writer is built into the package by the build backend, not at run time."""
+    assert writer_bin.parent == Path(native.__file__).resolve().parent
+    assert os.access(writer_bin, os.X_OK)
 
 
 @pytest.fixture
@@ -432,7 +440,7 @@ def tmp_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     helpers.mkdir()
     (helpers / "hello.c").write_text('#include <stdio.h>\nint main(void) '
                                      '{ puts("one"); return 0; }\n')
-    monkeypatch.setattr(native, "helpers_dir", lambda: helpers)
+    monkeypatch.setattr(devbuild, "helpers_dir", lambda: helpers)
     return helpers
 
 
@@ -441,23 +449,23 @@ def run_out(path: Path) -> str:
 
 
 def test_edit_rebuilds_and_prunes(tmp_helpers: Path) -> None:
-    first = native.build("hello")
+    first = devbuild.build("hello")
     assert first.parent == tmp_helpers / ".build"
     assert run_out(first) == "one"
     (tmp_helpers / "hello.c").write_text(
         (tmp_helpers / "hello.c").read_text().replace('"one"', '"two"'))
-    second = native.build("hello")
+    second = devbuild.build("hello")
     assert second != first and run_out(second) == "two"
     assert not first.exists()
     (tmp_helpers / "extra.h").write_text("#define X 1\n")  # headers are part of the key
-    assert native.build("hello") != second
+    assert devbuild.build("hello") != second
 
 
 def test_unwritable_tree_falls_back_to_xdg_cache(tmp_helpers: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "_in_tree_cache", lambda: Path("/proc/self/no-such-dir"))
+    monkeypatch.setattr(devbuild, "_in_tree_cache", lambda: Path("/proc/self/no-such-dir"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    path = native.build("hello")
+    path = devbuild.build("hello")
     assert path.parent == tmp_path / "xdg" / "uffdsnap"
     assert run_out(path) == "one"
 
@@ -465,14 +473,14 @@ def test_unwritable_tree_falls_back_to_xdg_cache(tmp_helpers: Path, tmp_path: Pa
 def test_missing_compiler_is_one_line(tmp_helpers: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CC", "no-such-cc-anywhere")
     with pytest.raises(UserError, match="install gcc") as e:
-        native.build("hello")
+        devbuild.build("hello")
     assert "\n" not in str(e.value)
 
 
 def test_compile_error_is_one_line(tmp_helpers: Path) -> None:
     (tmp_helpers / "bad.c").write_text("int main(void) { int unused; return 0; }\n")
     with pytest.raises(UserError, match="building helper bad") as e:
-        native.build("bad")  # -Wall -Werror: an unused variable is an error
+        devbuild.build("bad")  # -Wall -Werror: an unused variable is an error
     assert "\n" not in str(e.value)
     assert not list((tmp_helpers / ".build").glob("*tmp"))
 
@@ -480,12 +488,12 @@ def test_compile_error_is_one_line(tmp_helpers: Path) -> None:
 @pytest.mark.parametrize("name", ["", "../x", ".hidden", "nope"])
 def test_bad_helper_names(tmp_helpers: Path, name: str) -> None:
     with pytest.raises(UserError):
-        native.build(name)
+        devbuild.build(name)
 
 
 def _build_in_child(helpers: str) -> str:
-    native.helpers_dir = lambda: Path(helpers)  # type: ignore[assignment]
-    return str(native.build("hello"))
+    devbuild.helpers_dir = lambda: Path(helpers)  # type: ignore[assignment]
+    return str(devbuild.build("hello"))
 
 
 def test_concurrent_builds_agree(tmp_helpers: Path) -> None:

@@ -128,7 +128,7 @@ class Run:
     id: int
     writer: ImageWriter
     # The native data path: the `saved` page map, image writes, window copies, and the
-    # service of delegated faults (helpers/snapcore.c).
+    # service of delegated faults (uffdsnap/native/src/snapcore.c).
     core: SnapCore
     phase: str = "joining"  # joining -> protecting -> copying -> releasing
     held: list[tuple[Peer, int, int]] = field(default_factory=list)

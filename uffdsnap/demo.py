@@ -49,8 +49,7 @@ def run_demo(keep: str | None = None, say: Callable[[str], None] = print) -> dic
     """Run the demo; return a result dict (ok, summary, checks). `keep` keeps the image in that
     directory; otherwise it is removed with the rest."""
     preflight()
-    say("building the native writer with cc ...")
-    native.build("writer")
+    native.program(native.WRITER)  # shipped in the package: fail now if it is missing
     workdir = tempfile.mkdtemp(prefix="uffdsnap-demo-")
     shm = f"/dev/shm/uffdsnap-demo-{uuid.uuid4().hex[:8]}"
     writers: list[wl.WriterProcess] = []

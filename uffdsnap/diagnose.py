@@ -603,7 +603,8 @@ def container_facts(status: dict[str, str]) -> dict[str, Any]:
 
 
 def check_native_core() -> Check:
-    """The coordinator's and agents' data path is C (helpers/snapcore.c), built on first use."""
+    """The coordinator's and agents' data path is C (uffdsnap/native/src/snapcore.c), built
+    into the package when it was installed."""
     from uffdsnap.errors import UserError
     from uffdsnap.kernel import snapcore
 
@@ -611,8 +612,11 @@ def check_native_core() -> Check:
         snapcore.load()
     except (UserError, OSError) as e:
         return Check("native core", False, REQUIRED, str(e),
-                     "install a C compiler (e.g. `apt-get install gcc libc6-dev`)")
-    return Check("native core", True, REQUIRED, "helpers/snapcore.c builds and loads")
+                     "reinstall uffdsnap; from a source checkout, `pip install -e .`")
+    from uffdsnap.native import core_library
+
+    return Check("native core", True, REQUIRED, f"{core_library().name} loads (ABI "
+                 f"{snapcore.ABI_VERSION})")
 
 
 # ---- everything -----------------------------------------------------------------------------

@@ -559,6 +559,8 @@ class ImageWriter:
         self._lock = threading.Lock()
         self._extents: list[tuple[int, int, str]] = []
         self._state = "open"  # open -> published | aborted
+        if "\0" in path:
+            raise UserError(f"{path!r}: a file name cannot contain a NUL byte")
         if os.path.isdir(path):
             raise UserError(f"{path} is a directory; give the image a file name")
         for p in (path, manifest_path(path)):
@@ -589,8 +591,8 @@ class ImageWriter:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store object bytes at `offset` (page-aligned); all-zero blocks are left as holes.
-        (The coordinator writes through its native core by the same rule, helpers/snapcore.c
-        `store`, into `fd`; this is for writers in Python.)
+        (The coordinator writes through its native core by the same rule, snapcore.c `store`,
+        into `fd`; this is for writers in Python.)
 
         Stop every writing thread before publish/abort: after abort the fd number is closed and
         may be reused by another file.

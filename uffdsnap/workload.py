@@ -9,10 +9,10 @@ stamp the writer's published seq implies, apart from the one step possibly in fl
 writer has observed another further along than the image shows that other. docs/workload.md has
 the full design.
 
-Writers come in two implementations with the same layout: helpers/writer.c (an unmodified native
-program, built with uffdsnap.native) and PythonWriter / run_python_writer() here, the writer for
-code that enlists through uffdsnap's Python API. `python -m uffdsnap.workload` runs the Python
-writer with the native writer's command line.
+Writers come in two implementations with the same layout: uffdsnap/native/src/writer.c (an
+unmodified native program, shipped in the package as uffdsnap-writer) and PythonWriter /
+run_python_writer() here, the writer for code that enlists through uffdsnap's Python API.
+`python -m uffdsnap.workload` runs the Python writer with the native writer's command line.
 
 Nothing in this module keeps a mapping of a live object: create_object, set_stop and read_live_seqs
 use pread/pwrite, so the process that drives a test is never one of the object's mappers.
@@ -525,7 +525,7 @@ def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
     `threads` (native only) runs writers index..index+threads-1, one per thread."""
     if impl == "c":
         from uffdsnap import native
-        argv = [str(native.build("writer"))]
+        argv = [str(native.program(native.WRITER))]
     elif impl == "python":
         argv = [sys.executable, "-m", "uffdsnap.workload"]
     else:

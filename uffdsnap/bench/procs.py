@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from uffdsnap import native
+from uffdsnap import devbuild
 from uffdsnap.bench.config import HUGE_PAGE
 from uffdsnap.bench.writerlog import Fleet, read_log
 from uffdsnap.errors import UserError
@@ -195,7 +195,7 @@ def create_object(ws: Workspace, kind: str, size: int) -> BenchObject:
     except OSError as e:
         raise BenchError(f"cannot size a {kind} memfd to {size} bytes: {e.strerror}") from None
     obj = BenchObject(fd, f"/proc/{os.getpid()}/fd/{fd}", size, kind)
-    proc = ws.start([str(native.build("bench_writer")), "--object", obj.path, "--fill"])
+    proc = ws.start([str(devbuild.build("bench_writer")), "--object", obj.path, "--fill"])
     _, err = proc.communicate()
     ws.procs.remove(proc)
     if proc.returncode != 0:
@@ -245,7 +245,7 @@ def _expect(proc: subprocess.Popen[str], word: str, what: str,
 
 def start_writers(ws: Workspace, obj: BenchObject, n: int, *, rate: float | None, probe: bool,
                   idle: bool, uffd_sock: str | None, max_seconds: int) -> list[Writer]:
-    binary = str(native.build("bench_writer"))
+    binary = str(devbuild.build("bench_writer"))
     writers = []
     for i in range(n):
         argv = [binary, "--object", obj.path, "--prefault", "--max-seconds", str(max_seconds),
@@ -379,7 +379,7 @@ def start_handler(ws: Workspace, obj: BenchObject, nprocs: int) -> Handler:
     """The native reference handler, listening for `nprocs` writers' uffds."""
     sock = ws.temp_path("handler.sock", ws.log_dir)
     dest = ws.temp_path("native")
-    proc = ws.start([str(native.build("bench_handler")), "--listen", sock, "--procs",
+    proc = ws.start([str(devbuild.build("bench_handler")), "--listen", sock, "--procs",
                      str(nprocs), "--object", obj.path, "--dest", dest],
                     stdin=subprocess.PIPE)
     _expect(proc, "listening", "the native handler")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from uffdsnap import native
+from uffdsnap import devbuild
 from uffdsnap.bench import plots
 from uffdsnap.bench.config import BenchConfig, plan
 from uffdsnap.bench.procs import BenchError
@@ -30,8 +30,8 @@ def preflight(cfg: BenchConfig) -> str:
         os.close(fd)
     except KernelError as e:
         raise UserError(f"userfaultfd is not available here: {e}") from None
-    native.build("bench_writer")
-    native.build("bench_handler")
+    devbuild.build("bench_writer")
+    devbuild.build("bench_handler")
     dest = cfg.dest_dir or tempfile.gettempdir()
     if not os.path.isdir(dest) or not os.access(dest, os.W_OK):
         raise UserError(f"--dest {dest}: not a writable directory")

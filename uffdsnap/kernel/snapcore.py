@@ -1,4 +1,5 @@
-"""ctypes binding of helpers/snapcore.c, the coordinator's native data path (one per snapshot).
+"""ctypes binding of uffdsnap/native/src/snapcore.c (ABI: snapcore.h), the native data path
+(one context per snapshot).
 
 The library keeps the `saved` page map, writes the image, copies windows and, in delegated mode,
 serves write-protect faults on a thread of its own that never needs the GIL (see the C file for
@@ -14,6 +15,7 @@ import os
 from dataclasses import dataclass
 from functools import cache
 
+from uffdsnap.errors import UserError
 from uffdsnap.kernel._libc import KernelError
 
 SC_EVENT, SC_GONE, SC_FAILED = 1, 2, 3
@@ -53,11 +55,19 @@ class CoreStats:
     service_buckets: tuple[tuple[int, int], ...]  # (LatencyHistogram bucket, count)
 
 
+ABI_VERSION = 1  # snapcore.h's SC_ABI_VERSION
+
+
 @cache
 def _library() -> ctypes.CDLL:
-    from uffdsnap.native import build
+    from uffdsnap.native import core_library
 
-    lib = ctypes.CDLL(str(build("snapcore", library=True)))
+    path = core_library()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise UserError(f"cannot load the native core {path}: {e}") from None
+    _check_abi(lib, path)
     i, i64, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     sigs = {
         "sc_new": (vp, [i, i, _u64, _u64]),
@@ -88,8 +98,24 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def _check_abi(lib: ctypes.CDLL, path: object) -> None:
+    """Refuse a library built from other sources than this binding was written for."""
+    try:
+        version = lib.sc_abi_version()
+    except AttributeError:
+        version = 0
+    event, stats = _u64(), _u64()
+    if version == ABI_VERSION:
+        lib.sc_abi_sizes(ctypes.byref(event), ctypes.byref(stats))
+    if (version, event.value, stats.value) != (ABI_VERSION, ctypes.sizeof(_Event),
+                                               ctypes.sizeof(_Stats)):
+        raise UserError(f"the native core {path} does not match this uffdsnap (ABI "
+                        f"{version}, expected {ABI_VERSION}): reinstall uffdsnap (in a source "
+                        "checkout, `pip install -e .` rebuilds it)")
+
+
 def load() -> None:
-    """Build (once, cached) and load the library; UserError if it cannot be built."""
+    """Load the library (once); UserError, one line, if it is missing or does not match."""
     _library()
 
 

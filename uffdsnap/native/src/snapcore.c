@@ -1,6 +1,6 @@
 /*
  * snapcore — the coordinator's data path in C: a shared library loaded with ctypes by
- * uffdsnap/kernel/snapcore.py, one context per snapshot.
+ * uffdsnap/kernel/snapcore.py, one context per snapshot. Its ABI is snapcore.h.
  *
  * Why native: a fault's service time is what a blocked writer waits, and in Python it is bounded
  * by event-loop and GIL hand-offs (hundreds of µs to ms on a busy machine), while the kernel work
@@ -45,6 +45,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "snapcore.h"
+
 #define UFFDIO_WRITEPROTECT_IOC 0xC018AA06UL
 #define UFFDIO_WAKE_IOC 0x8010AA02UL
 #define EVENT_PAGEFAULT 0x12
@@ -61,26 +63,13 @@
 #define BATCH_MAX 512
 #define HELD_MAX (1u << 20) /* faults held until T, at most */
 #define SEND_TIMEOUT_S 10 /* a peer that takes no message for this long is dropped */
-#define MSG_SIZE 32
+#define MSG_SIZE SC_MSG_SIZE
 #define READ_BATCH 64
 #define ZERO_BLOCK 4096
-#define HIST_BUCKETS 2048
+#define HIST_BUCKETS SC_HIST_BUCKETS
 #define EAGAIN_RETRIES 2000
 
-/* What Python is told through sc_take_events. */
-enum { SC_EVENT = 1, SC_GONE = 2, SC_FAILED = 3 };
 enum { HOLD = 0, SERVE = 1 };
-
-struct sc_event {
-    int64_t ident;
-    int32_t kind, err;
-    unsigned char msg[MSG_SIZE];
-};
-
-struct sc_stats {
-    uint64_t faults, duplicates, fault_pages_saved, held_wait_max_ns, service_count,
-        service_max_ns;
-};
 
 struct span { uint64_t start, len, offset; };
 struct range { uint64_t start, len; };
@@ -1316,3 +1305,11 @@ void sc_stats(struct sc *c, struct sc_stats *out, uint64_t *hist)
 }
 
 int sc_hist_buckets(void) { return HIST_BUCKETS; }
+
+int sc_abi_version(void) { return SC_ABI_VERSION; }
+
+void sc_abi_sizes(uint64_t *event_size, uint64_t *stats_size)
+{
+    *event_size = sizeof(struct sc_event);
+    *stats_size = sizeof(struct sc_stats);
+}

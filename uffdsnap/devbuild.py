@@ -1,8 +1,11 @@
-"""Build the native helper programs (helpers/*.c) with the system C compiler, on demand, cached.
+"""Build the test and bench helper programs (helpers/*.c) with the system C compiler, on demand,
+cached. Only tests and `uffdsnap bench` use these, from a source checkout; the product's own C
+(uffdsnap/native/src) is built by the build backend into the package and never here.
 
-`build("writer")` returns the path of an executable compiled from helpers/writer.c. The binary is
-cached under a name keyed by a hash of the compiler, the flags, the source and every helpers/*.h,
-so editing a source rebuilds it and an unchanged one is reused. Compilation goes to a temporary
+`build("lifecycle")` returns the path of an executable compiled from helpers/lifecycle.c (which
+may include the product's headers, uffdsnap/native/src/*.h). The binary is cached under a name
+keyed by a hash of the compiler, the flags, the source and every header it can include, so
+editing a source rebuilds it and an unchanged one is reused. Compilation goes to a temporary
 name and is renamed into place, so several processes (parallel pytest workers) may build the same
 helper at once: each rename is atomic and every result is identical.
 
@@ -23,8 +26,6 @@ from pathlib import Path
 from uffdsnap.errors import UserError
 
 CFLAGS: tuple[str, ...] = ("-O2", "-Wall", "-Werror", "-std=gnu11", "-pthread")
-# Extra flags for a helper built as a shared library (loaded with ctypes) instead of a program.
-LIBRARY_FLAGS: tuple[str, ...] = ("-shared", "-fPIC")
 LIBS: tuple[str, ...] = ("-lm",)
 
 
@@ -32,9 +33,14 @@ def helpers_dir() -> Path:
     """The helpers/ directory of the source tree this package was installed from (editable)."""
     path = Path(__file__).resolve().parent.parent / "helpers"
     if not path.is_dir():
-        raise UserError(f"helper sources not found at {path}: install uffdsnap from a source "
-                        "checkout with `pip install -e .`")
+        raise UserError(f"test and bench helper sources not found at {path}: they come with a "
+                        "source checkout (`pip install -e .` there)")
     return path
+
+
+def product_headers_dir() -> Path:
+    """The product's C headers, which helpers may include (the workload layout, util.h)."""
+    return Path(__file__).resolve().parent / "native" / "src"
 
 
 def compiler() -> str:
@@ -86,14 +92,13 @@ def _build_key(cc: str, source: Path, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     h.update(cc.encode() + b"\0" + " ".join(flags).encode() + b"\0")
     h.update(source.read_bytes())
-    for header in sorted(source.parent.glob("*.h")):
+    for header in sorted([*source.parent.glob("*.h"), *product_headers_dir().glob("*.h")]):
         h.update(b"\0" + header.name.encode() + b"\0" + header.read_bytes())
     return h.hexdigest()[:16]
 
 
-def build(name: str, *, library: bool = False) -> Path:
+def build(name: str) -> Path:
     """Compile helpers/<name>.c (unless an up-to-date cached binary exists); return its path.
-    With `library`, build a shared library (lib<name>-<key>.so) for ctypes instead of a program.
 
     Raises UserError, one line, when the source is missing, there is no compiler, or it fails.
     """
@@ -104,9 +109,9 @@ def build(name: str, *, library: bool = False) -> Path:
         raise UserError(f"no helper source {source}")
     cc = compiler()
     out_dir = cache_dir()
-    flags = (*CFLAGS, *LIBRARY_FLAGS) if library else CFLAGS
-    stem = f"lib{name}" if library else name
-    target = out_dir / f"{stem}-{_build_key(cc, source, flags)}{'.so' if library else ''}"
+    flags = CFLAGS
+    stem = name
+    target = out_dir / f"{stem}-{_build_key(cc, source, flags)}"
     if os.access(target, os.X_OK):
         return target
 
@@ -114,7 +119,8 @@ def build(name: str, *, library: bool = False) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        cmd = [cc, *flags, "-I", str(source.parent), "-o", str(tmp), str(source), *LIBS]
+        cmd = [cc, *flags, "-I", str(source.parent), "-I", str(product_headers_dir()), "-o",
+               str(tmp), str(source), *LIBS]
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or \
