@@ -614,11 +614,11 @@ def test_copy_while_writers_run_is_caught(make_object: Callable[..., ShmObject],
     for attempt in range(1, 101):  # noqa: B007 (reported below)
         result = wl.check_image(obj.copy_page_by_page(), max_violations=100_000)
         kinds |= result.kinds.keys()
-        cross = next((v for v in result.violations if v.kind == "cross"), None)
-        if cross is not None:
+        cross = cross or next((v for v in result.violations if v.kind == "cross"), None)
+        if cross is not None and "data" in kinds:  # both rules seen (not always in one copy)
             break
     assert cross is not None, f"no cross-writer violation in {attempt} racy copies: {kinds}"
-    assert "data" in kinds  # data pages copied after their (older) counter page
+    assert "data" in kinds, f"no data violation in {attempt} racy copies: {kinds}"
     assert cross.writer is not None and "newer than" in cross.found
     wl.set_stop(obj.fd)
     for w in writers:
