@@ -29,7 +29,9 @@ class AgentProcess:
 
 
 def agent_command(coordinator: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "uffdsnap", "agent", "--coordinator", coordinator, *args]
+    # -P: never import a uffdsnap/ from the current directory (a source tree) instead of ours
+    return [sys.executable, "-P", "-m", "uffdsnap", "agent", "--coordinator", coordinator,
+            *args]
 
 
 class Attacher:

@@ -58,7 +58,10 @@ def run_demo(keep: str | None = None, say: Callable[[str], None] = print) -> dic
         os.close(fd)
         say(f"created {shm}: {size_text(size)} of shared memory, "
             f"{NATIVE_WRITERS + ENLISTED_WRITERS} writer regions")
-        result = trio.run(_run, shm, workdir, writers, say)
+        try:
+            result = trio.run(_run, shm, workdir, writers, say)
+        except wl.WorkloadError as e:
+            raise UserError(f"the demo's workload failed: {e}") from None
         image = result["summary"]["image"]
         if keep:
             os.makedirs(keep, exist_ok=True)

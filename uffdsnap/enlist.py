@@ -70,7 +70,7 @@ def enlist(coordinator: str, timeout: float = ENLIST_TIMEOUT_S) -> Enlistment:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         agent = subprocess.Popen(
-            [sys.executable, "-m", "uffdsnap", "agent", "--coordinator", coordinator,
+            [sys.executable, "-P", "-m", "uffdsnap", "agent", "--coordinator", coordinator,
              "--enlist-fd", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
     except BaseException:

@@ -527,7 +527,7 @@ def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
         from uffdsnap import native
         argv = [str(native.program(native.WRITER))]
     elif impl == "python":
-        argv = [sys.executable, "-m", "uffdsnap.workload"]
+        argv = [sys.executable, "-P", "-m", "uffdsnap.workload"]
     else:
         raise ValueError(f"unknown writer implementation {impl!r}")
     argv += ["--object", os.fspath(obj), "--index", str(index)]

@@ -416,7 +416,7 @@ def run_ours(ws: Workspace, obj: BenchObject, mode: str, timeout: float) -> dict
     """One of our snapshots of `obj` in `mode`, as its own process (uffdsnap.bench.snaprun)."""
     out = ws.temp_path(f"{mode}.img")
     t_launch = now_ns()
-    proc = ws.start([sys.executable, "-m", "uffdsnap.bench.snaprun", "--object", obj.path,
+    proc = ws.start([sys.executable, "-P", "-m", "uffdsnap.bench.snaprun", "--object", obj.path,
                      "--output", out, "--mode", mode, "--timeout", str(timeout)])
     try:
         stdout, stderr = proc.communicate(timeout=timeout + 30)
