@@ -2,13 +2,22 @@
  * lifecycle — a workload writer that changes its process and address space on demand, for
  * tests of tracking through fork() and mremap() during a snapshot. Unaware of uffdsnap.
  *
- * usage: lifecycle --object PATH --index I [--child-index J] [--supervisor]
+ * usage: lifecycle --object PATH --index I [--child-index J] [--supervisor] [--on-usr2 MODE]
  *   SIGUSR1: fork(); the child becomes writer J (on the inherited mapping) and writes too.
  *   --supervisor: this process maps the object writable but does not write (a pre-forking
  *   server's master): it only forks writer J on SIGUSR1, so it can fork at any moment.
- *   SIGUSR2: mremap() the whole mapping to a new address and carry on writing through it.
- * Prints "ready pid=P index=I", then "forked pid=C index=J" (from the child) and
- * "remapped from=A to=B"; each process prints "done pid=P seq=S" when the stop flag is set.
+ *   SIGUSR2, by MODE:
+ *     move (default): mremap() the whole mapping to a new address, carry on writing through it;
+ *     grow: mremap() it to a new address and a larger size, taking in the object's pages past
+ *       the workload (the object must be larger than its layout), then also write the step
+ *       number into the first word of each of those pages at every step;
+ *     grow-in-place: the same, growing the mapping where it is (no move);
+ *     replace: munmap() the mapping, mmap() the object again elsewhere, carry on through that;
+ *     exec: execve() this program again, which maps the object anew and carries on as the
+ *       same writer (a new address space under the same pid).
+ * Prints "ready pid=P index=I", then "forked pid=C index=J" (from the child), "remapped
+ * from=A to=B" (after any SIGUSR2 mode but exec, which prints "ready" again from the new
+ * image); each process prints "done pid=P seq=S" when the stop flag is set.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "workload.h"
@@ -50,11 +60,13 @@ int main(int argc, char **argv)
     const char *path = NULL;
     long index = -1, child_index = -1;
     int supervisor = 0;
+    const char *mode = "move";
     static const struct option opts[] = {
         {"object", required_argument, 0, 'o'},
         {"index", required_argument, 0, 'i'},
         {"child-index", required_argument, 0, 'c'},
         {"supervisor", no_argument, 0, 's'},
+        {"on-usr2", required_argument, 0, 'u'},
         {0, 0, 0, 0},
     };
     int c;
@@ -67,11 +79,16 @@ int main(int argc, char **argv)
             child_index = strtol(optarg, NULL, 10);
         else if (c == 's')
             supervisor = 1;
+        else if (c == 'u')
+            mode = optarg;
         else
             return 2;
     }
-    if (!path || index < 0) {
-        fputs("usage: lifecycle --object PATH --index I [--child-index J]\n", stderr);
+    if (!path || index < 0 || (strcmp(mode, "move") && strcmp(mode, "grow") &&
+                               strcmp(mode, "grow-in-place") && strcmp(mode, "replace") &&
+                               strcmp(mode, "exec"))) {
+        fputs("usage: lifecycle --object PATH --index I [--child-index J] [--supervisor]"
+              " [--on-usr2 move|grow|grow-in-place|replace|exec]\n", stderr);
         return 2;
     }
     int fd = open(path, O_RDWR);
@@ -87,10 +104,28 @@ int main(int argc, char **argv)
         fprintf(stderr, "lifecycle: %s\n", bad ? bad : "index out of range");
         return 2;
     }
-    volatile uint64_t *all = mmap(NULL, lay.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    struct stat st;
+    if (fstat(fd, &st))
+        die("fstat");
+    /* the object's pages past the workload, taken in by the grow modes */
+    uint64_t extra = (uint64_t)st.st_size > lay.size ? (uint64_t)st.st_size - lay.size : 0;
+    extra -= extra % lay.page_size;
+    if (!strncmp(mode, "grow", 4) && !extra) {
+        fputs("lifecycle: --on-usr2 grow*: the object has no pages past the workload\n", stderr);
+        return 2;
+    }
+    /* grow-in-place needs free address space right after the mapping: reserve it */
+    void *where = NULL;
+    if (!strcmp(mode, "grow-in-place")) {
+        where = mmap(NULL, lay.size + extra, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (where == MAP_FAILED)
+            die("mmap reserve");
+    }
+    volatile uint64_t *all = mmap(where, lay.size, PROT_READ | PROT_WRITE,
+                                  MAP_SHARED | (where ? MAP_FIXED : 0), fd, 0);
     if (all == MAP_FAILED)
         die("mmap");
-    close(fd);
+    volatile uint64_t *grown = NULL; /* the pages past the workload, once taken in */
     struct wl_writer w;
     wl_view_of_whole(&w.views[0], all, &lay, (uint64_t)index);
     wl_writer_init(&w, &lay, (uint64_t)index, 1, (uint64_t)getpid());
@@ -114,16 +149,36 @@ int main(int argc, char **argv)
                 fflush(stdout);
             }
         }
+        if (want_remap && !strcmp(mode, "exec")) {
+            fflush(stdout);
+            execv("/proc/self/exe", argv); /* the same writer resumes from its counter page */
+            die("execv");
+        }
         if (want_remap) {
             want_remap = 0;
-            /* reserve a fresh range, then move the mapping onto it */
-            void *to = mmap(NULL, lay.size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-            if (to == MAP_FAILED)
-                die("mmap reserve");
-            void *moved = mremap((void *)all, lay.size, lay.size, MREMAP_MAYMOVE | MREMAP_FIXED,
-                                 to);
+            void *moved;
+            uint64_t size = lay.size;
+            if (!strcmp(mode, "grow-in-place")) {
+                if (munmap((char *)all + lay.size, extra))
+                    die("munmap reserve");
+                size += extra;
+                moved = mremap((void *)all, lay.size, size, 0);
+            } else if (!strcmp(mode, "replace")) {
+                if (munmap((void *)all, lay.size))
+                    die("munmap");
+                moved = mmap(NULL, lay.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            } else {
+                /* reserve a fresh range, then move the mapping onto it */
+                size += !strcmp(mode, "grow") ? extra : 0;
+                void *to = mmap(NULL, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+                if (to == MAP_FAILED)
+                    die("mmap reserve");
+                moved = mremap((void *)all, lay.size, size, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+            }
             if (moved == MAP_FAILED)
                 die("mremap");
+            if (size > lay.size)
+                grown = (volatile uint64_t *)((char *)moved + lay.size);
             printf("remapped from=%p to=%p\n", (void *)all, moved);
             fflush(stdout);
             all = moved;
@@ -139,6 +194,8 @@ int main(int argc, char **argv)
         }
         if (wl_step(&w))
             break;
+        for (uint64_t p = 0; grown && p < extra / lay.page_size; p++)
+            grown[p * lay.page_size / 8] = w.seq;
     }
     printf("done pid=%d seq=%" PRIu64 "\n", getpid(), w.seq);
     fflush(stdout);

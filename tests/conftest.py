@@ -77,11 +77,14 @@ async def running_coordinator(path: str, tmp_path: Path, *, attach: bool = True,
 
 def start_writers(path: str, *, native: int = 4, enlisted: int = 0, enlist: str | None = None,
                   first_index: int = 0, user: int | None = None,
+                  agent_hooks: dict[str, Any] | None = None,
                   **kwargs: Any) -> list[wl.WriterProcess]:
-    """Start `native` C writers then `enlisted` Python writers (which enlist with `enlist`),
-    with consecutive indexes, and wait until every one is writing."""
+    """Start `native` C writers then `enlisted` Python writers (which enlist with `enlist`,
+    their agents given `agent_hooks`), with consecutive indexes, and wait until every one is
+    writing."""
     specs = [(first_index + i, {"impl": "c", **kwargs}) for i in range(native)]
-    specs += [(first_index + native + i, {"impl": "python", "enlist": enlist, **kwargs})
+    specs += [(first_index + native + i, {"impl": "python", "enlist": enlist,
+                                          "agent_hooks": agent_hooks, **kwargs})
               for i in range(enlisted)]
     return spawn_writers(path, specs, user=user)
 

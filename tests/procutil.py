@@ -80,11 +80,13 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-def paused_snapshot(shm_path: str, out: str, phase: str,
-                    mode: str = "agents") -> subprocess.Popen[str]:
-    env = {**os.environ, "UFFDSNAP_TEST_HOOKS": json.dumps({"pause_in": phase})}
+def paused_snapshot(shm_path: str, out: str, phase: str, mode: str = "agents",
+                    hooks: dict | None = None) -> subprocess.Popen[str]:
+    """`uffdsnap snapshot --shm` in a child process, paused in `phase` (test hook) until it
+    gets SIGUSR1; `hooks` adds more test hooks (see uffdsnap/testhooks.py)."""
     proc = subprocess.Popen([sys.executable, "-m", "uffdsnap", "snapshot", "--shm", shm_path,
-                             "-o", out, "--json", "--mode", mode], env=env,
+                             "-o", out, "--json", "--mode", mode, "--test-hooks",
+                             json.dumps({"pause_in": phase, **(hooks or {})})],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_line(proc.stderr, f"paused in {phase}")

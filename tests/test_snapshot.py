@@ -23,7 +23,6 @@ from conftest import (
 )
 from uffdsnap import workload as wl
 from uffdsnap.image import load_manifest, manifest_path, verify
-from uffdsnap.testhooks import TEST_HOOKS_ENV
 
 pytestmark = needs_root
 
@@ -44,19 +43,18 @@ async def _snapshot_and_check(coordinator, path: str, out: str) -> dict:
 
 @pytest.mark.parametrize("mode", ["agents", "delegated", "agents-without-fault-channel"])
 async def test_native_and_enlisted_writers_repeatedly(mode: str, shm_path: str,
-                                                      tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      tmp_path: Path) -> None:
     """4 unmodified native writers (attached with ptrace) and 2 enlisted Python writers write
     throughout 3 snapshots from one long-running coordinator: each image is one instant. (The
     third mode: agents that send faults and take un-protects on their main connection, the
     protocol's path for agents without a native core.)"""
-    if mode == "agents-without-fault-channel":
-        monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"no_fault_channel": True}))
+    agent_hooks = {"no_fault_channel": True} if mode == "agents-without-fault-channel" else {}
     make_workload(shm_path, 6, data_pages=1024)
-    async with running_coordinator(shm_path, tmp_path, delegate=mode == "delegated") as (
-            coordinator, sock):
+    async with running_coordinator(shm_path, tmp_path, delegate=mode == "delegated",
+                                   hooks={"agent": agent_hooks}) as (coordinator, sock):
         writers = await trio.to_thread.run_sync(
-            lambda: start_writers(shm_path, native=4, enlisted=2, enlist=sock))
+            lambda: start_writers(shm_path, native=4, enlisted=2, enlist=sock,
+                                  agent_hooks=agent_hooks))
         try:
             faults = 0
             for n in range(3):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from uffdsnap import testhooks
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.kernel.procmaps import process_running
 
@@ -37,9 +38,10 @@ def agent_command(coordinator: str, *args: str) -> list[str]:
 class Attacher:
     """The attach agents one coordinator has started, by target pid."""
 
-    def __init__(self, coordinator_path: str):
+    def __init__(self, coordinator_path: str, test_hooks: testhooks.Hooks | None = None):
         self.coordinator_path = coordinator_path
         self.agents: dict[int, AgentProcess] = {}
+        self.test_hooks = test_hooks  # passed on to every agent (tests only)
 
     async def start(self, pids: list[int], nursery: trio.Nursery) -> list[AgentProcess]:
         """Start an agent for each pid that has none running; return the new ones."""
@@ -49,7 +51,8 @@ class Attacher:
             if old is not None and not old.exited.is_set():
                 continue
             proc = await trio.lowlevel.open_process(
-                agent_command(self.coordinator_path, "--attach", str(pid)),
+                agent_command(self.coordinator_path, "--attach", str(pid),
+                              *testhooks.argv(self.test_hooks)),
                 stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
             agent = AgentProcess(pid, proc)
             self.agents[pid] = agent

@@ -26,11 +26,13 @@ from typing import Any
 
 import trio
 
+from uffdsnap import testhooks
 from uffdsnap.attacher import Attacher
 from uffdsnap.channel import Channel, PeerClosed
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.groups import unwrap_group
 from uffdsnap.image import ImageWriter, extent_checksum
+from uffdsnap.kernel import snapcore as snapcore_module
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.pidfd import pidfd_open, process_alive
@@ -70,7 +72,6 @@ from uffdsnap.protocol import (
     Welcome,
 )
 from uffdsnap.stats import LatencyHistogram, monotonic_ns
-from uffdsnap.testhooks import hooks_from_environment
 from uffdsnap.tracker import GONE, Tracker
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,13 @@ class Peer:
     release_stats: Released | None = None
     send_error: str = ""
     children: tuple[int, ...] = ()  # descendants it tracks (forked while protected)
+    lost_own: bool = False  # its own process lives on untracked (it exec'd)
     delegated: list[Tracker] = field(default_factory=list)  # our copies of its uffds
     fault_channel: int = -1  # our end of its fault channel (agents mode), during a snapshot
 
     @property
     def pids(self) -> set[int]:
-        return {self.pid, *self.children}
+        return {*([] if self.lost_own else [self.pid]), *self.children}
 
     def any_alive(self) -> bool:
         return process_alive(self.pidfd) or any(process_running(p) for p in self.children)
@@ -182,16 +184,17 @@ class Coordinator:
         self._unprotect_ready = trio.Event()
         # With attach_path (this coordinator's own socket), every writable mapper without an
         # agent gets an attach agent at each snapshot, for the duration of that snapshot.
-        self.attacher = Attacher(attach_path) if attach_path else None
+        self._hooks: testhooks.Hooks = test_hooks or {}
+        self.attacher = (Attacher(attach_path, self._hooks.get("agent")) if attach_path
+                         else None)
         # Delegated mode: agents hand us copies of their uffds while protected; we read their
         # faults and un-protect directly, with no message round trips.
         self.delegate = delegate
         self._next_child_ident = 1 << 32
         self._next_core_ident = 0
         self._nursery: trio.Nursery | None = None
-        # Test hooks (never set in normal use): deliberately wrong behaviours that prove the
-        # checker catches them, and pauses at a phase so tests can kill a process there.
-        self._hooks = test_hooks if test_hooks is not None else hooks_from_environment()
+        # (self._hooks, set above: test hooks, never set in normal use: deliberately wrong
+        # behaviours that prove the checker catches them, pauses at a phase; see testhooks.py)
         self._paused: set[str] = set()
 
     # ---- connections ----------------------------------------------------------------------
@@ -384,6 +387,8 @@ class Coordinator:
                 peer.mappings = msg.mappings
                 peer.protect_ns = msg.protect_ns
                 if run is not None and run.id == msg.snapshot:
+                    if self._hooks.get("serve_before_t"):
+                        self._serve_before_t(run, peer)
                     self._check_all_protected(run)
             elif isinstance(msg, Released):
                 peer.release_stats = msg
@@ -394,6 +399,7 @@ class Coordinator:
                 self._take_channel(peer, msg, peer.chan.take_fd())
             elif isinstance(msg, Tracked):
                 peer.children = tuple(p for p in msg.pids if p != peer.pid)
+                peer.lost_own = peer.pid not in msg.pids
                 self._changed()
             elif isinstance(msg, Removed):
                 if run is not None:
@@ -417,6 +423,15 @@ class Coordinator:
                              "(MADV_REMOVE or a hole punch) during the snapshot: not trackable")
                     return
 
+    def _serve_before_t(self, run: Run, peer: Peer) -> None:
+        """Test hook serve_before_t, wrong on purpose: serve this process's faults now that its
+        own agent has protected, without waiting for the others (no instant T exists then)."""
+        run.core.go()
+        for held in [h for h in run.held if h[0] is peer]:
+            run.held.remove(held)
+            self._save_page(run, held[1] // self.page_size)
+            self._unprotect_one(peer, held[1])
+
     def _check_all_protected(self, run: Run) -> None:
         if run.phase == "protecting" and all(p.protected for p in run.peers):
             run.all_protected.set()
@@ -431,7 +446,8 @@ class Coordinator:
             self._unprotect_one(peer, msg.offset)
             return
         run.faults += 1
-        if run.phase == "protecting":
+        if run.phase == "protecting" and not (self._hooks.get("serve_before_t")
+                                              and peer.protected):
             run.held.append((peer, msg.offset, msg.seen_ns))
             return
         page = msg.offset // self.page_size
@@ -664,6 +680,8 @@ class Coordinator:
             except BaseException:
                 writer.abort()
                 raise
+            if self._hooks.get("unprotect_before_save"):  # wrong on purpose
+                core.set_test_flags(snapcore_module.TEST_UNPROTECT_BEFORE_SAVE)
             run = Run(self._next_id, writer, core)
             self._next_id += 1
             self.run = run
@@ -708,11 +726,32 @@ class Coordinator:
             with trio.CancelScope(shield=True):
                 await self._release_all(run)
                 await self._dismiss_attached()
+        self._check_release_audits(run)
         return self._summary(run, t_start, t_mono, t_wall, t_copied)
+
+    def _check_release_audits(self, run: Run) -> None:
+        """Each agent's `released` says whether writes may have escaped tracking in its
+        processes (a mapping found unprotected: grown in place, mapped anew, exec); without
+        that word from an agent whose process lives, the snapshot is not proven either."""
+        if self._hooks.get("no_protect"):
+            return
+        escapes = [e for p in run.peers if p.release_stats for e in p.release_stats.escapes]
+        silent = [p.pid for p in run.peers if p.release_stats is None and p.any_alive()]
+        if escapes:
+            more = f" (and {len(escapes) - 1} more)" if len(escapes) > 1 else ""
+            raise SnapshotFailed(f"writes may have escaped tracking: {escapes[0]}{more}")
+        if silent:
+            raise SnapshotFailed(f"agents for pids {silent} did not confirm their release: "
+                                 "whether every mapping stayed protected is unknown")
 
     async def _test_pause(self, phase: str) -> None:
         """With the hook pause_in=PHASE, say so on stderr and stay in that phase (still serving
         faults) until SIGUSR1, an agent joins or leaves, the snapshot fails, or we are killed."""
+        at_phase = self._hooks.get("at_phase", {}).get(phase)
+        if at_phase is not None and phase not in self._paused:
+            self._paused.add(phase)
+            await at_phase()  # in-process tests: their own code, at this point of the snapshot
+            return
         if self._hooks.get("pause_in") != phase or phase in self._paused:
             return
         self._paused.add(phase)  # once per phase per snapshot
@@ -775,6 +814,8 @@ class Coordinator:
                 self._check_all_protected(run)
                 await run.all_protected.wait()
                 await self._test_pause("protecting")
+                if self._hooks.get("ignore_late_mappers"):  # wrong on purpose
+                    return
                 untracked = await self._settle_forks(run, self._untracked_writers(run.peers))
                 if not untracked:
                     return
@@ -808,7 +849,7 @@ class Coordinator:
                       if pid not in tracked and any(m.writable for m in maps))
 
     def _check_no_untracked_writers(self, run: Run, when: str) -> None:
-        if self._hooks.get("no_protect"):
+        if self._hooks.get("no_protect") or self._hooks.get("ignore_late_mappers"):
             return
         untracked = self._untracked_writers(run.peers)
         if untracked:

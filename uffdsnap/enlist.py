@@ -19,6 +19,7 @@ import subprocess
 import sys
 from types import TracebackType
 
+from uffdsnap import testhooks
 from uffdsnap.errors import UserError
 from uffdsnap.kernel import scm
 from uffdsnap.kernel.uffd import create_uffd
@@ -60,7 +61,8 @@ class Enlistment:
         self.close()
 
 
-def enlist(coordinator: str, timeout: float = ENLIST_TIMEOUT_S) -> Enlistment:
+def enlist(coordinator: str, timeout: float = ENLIST_TIMEOUT_S,
+           test_hooks: testhooks.Hooks | None = None) -> Enlistment:
     """Start an agent for this process that joins `coordinator` (its Unix socket path).
 
     Returns once the agent has joined, so every later snapshot covers this process. Raises
@@ -71,7 +73,7 @@ def enlist(coordinator: str, timeout: float = ENLIST_TIMEOUT_S) -> Enlistment:
     try:
         agent = subprocess.Popen(
             [sys.executable, "-P", "-m", "uffdsnap", "agent", "--coordinator", coordinator,
-             "--enlist-fd", str(theirs.fileno())],
+             "--enlist-fd", str(theirs.fileno()), *testhooks.argv(test_hooks)],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
     except BaseException:
         os.close(uffd)

@@ -19,10 +19,14 @@ import msgpack
 # defined in errors.py, so that the CLI can catch it without importing msgpack
 from uffdsnap.errors import ProtocolError as ProtocolError
 
-PROTOCOL_VERSION = 2
-MAX_MESSAGE_BYTES = 1 << 20
+PROTOCOL_VERSION = 3
+MAX_MESSAGE_BYTES = 4 << 20
 MAX_RANGES = 4096
+# A process can hold at most vm.max_map_count (65530 by default) mappings: a `protected` or
+# `delegate` message lists every one of them that maps the object.
+MAX_MAPS = 1 << 16
 MAX_TEXT = 4096
+MAX_TEXTS = 64
 MAX_HISTOGRAM_BUCKETS = 1024
 _U63 = (1 << 63) - 1
 _HEADER = struct.Struct(">I")
@@ -45,7 +49,7 @@ class Role(enum.Enum):
 # ---- messages -------------------------------------------------------------------------------
 # Field kinds: "u" unsigned int, "i" signed int, "s" short text, "b" bool,
 # "ranges" list of [offset, length], "maps" list of [start, length, offset], "hist" {bucket: count},
-# "d" a small dict of scalars (informational, passed through).
+# "d" a small dict of scalars (informational, passed through), "texts" a short list of texts.
 
 
 @dataclass(frozen=True)
@@ -139,11 +143,16 @@ class Released(Message):
     """Everything is un-protected; the agent's fault service statistics for the snapshot."""
 
     TYPE = "released"
-    KINDS = {"snapshot": "u", "faults": "u", "service_hist": "hist", "service_max_ns": "u"}
+    KINDS = {"snapshot": "u", "faults": "u", "service_hist": "hist", "service_max_ns": "u",
+             "escapes": "texts"}
     snapshot: int
     faults: int = 0
     service_hist: tuple[tuple[int, int], ...] = ()  # (bucket, count), see stats.LatencyHistogram
     service_max_ns: int = 0
+    # Ways writes may have escaped tracking that the agent found (a mapping of the object that
+    # was not protected: grown in place, mapped anew, in a process that exec'd): any fails the
+    # snapshot.
+    escapes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -357,7 +366,13 @@ def _check_field(name: str, kind: str, v: Any) -> Any:
     if kind == "ranges":
         return _check_pairs(name, v, 2, MAX_RANGES)
     if kind == "maps":
-        return _check_pairs(name, v, 3, MAX_RANGES)
+        return _check_pairs(name, v, 3, MAX_MAPS)
+    if kind == "texts":
+        if not isinstance(v, list | tuple) or len(v) > MAX_TEXTS or not all(
+                isinstance(t, str) and len(t) <= MAX_TEXT for t in v):
+            raise RemoteProtocolError(f"field {name!r} must be a list of at most {MAX_TEXTS} "
+                                      f"texts of at most {MAX_TEXT} chars")
+        return tuple(v)
     if kind == "pids":
         return _check_list(name, v, MAX_RANGES)
     if kind == "hist":

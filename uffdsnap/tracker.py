@@ -61,6 +61,9 @@ class Tracker:
     # Who reads this uffd's messages when an ioctl meets EAGAIN: by default we do (into
     # `backlog`); a coordinator's native core, the only reader of a delegated uffd, sets its own.
     drain: Callable[[], int] | None = None
+    # Mappings found unprotected while protected (grown by mremap, or new): writes may have
+    # reached them before we protected them, so they fail the snapshot (the agent reports them).
+    escapes: list[str] = field(default_factory=list)
 
     def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Run one uffd ioctl; while a fork/remap/remove event is pending the kernel answers
@@ -90,14 +93,23 @@ class Tracker:
             self.mappings = [m for m in mappings_of(self.pid, self.object_id)
                              if (m.start, m.end) not in self.never_writable]
 
-    def protect(self) -> list[Mapping]:
-        """Register and write-protect every shared mapping of the object in the process."""
+    def protect(self, leave_unprotected: str | None = None,
+                mapped: Callable[[], None] | None = None) -> list[Mapping]:
+        """Register and write-protect every shared mapping of the object in the process.
+        `mapped` is called once the mappings are known and before any is protected (whoever
+        serves this uffd's faults must be able to place the first one).
+        (`leave_unprotected`, "last" or "all", is a test hook, wrong on purpose: register but
+        do not write-protect the last mapping, or any.)"""
         self.refresh()
+        if mapped is not None:
+            mapped()
         self.protected = True
         if not self.registered:
             self.registered_since = boot_ticks()
+        last = self.mappings[-1] if self.mappings else None
         for m in list(self.mappings):
-            if self._register(m):
+            if self._register(m) and not (leave_unprotected == "all" or
+                                          (leave_unprotected == "last" and m is last)):
                 self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
         self.registered = [(m.start, m.end) for m in self.mappings]
         return self.mappings
@@ -146,8 +158,12 @@ class Tracker:
         if not self.protected:
             return
         for m in list(self.mappings):
-            if not _covered(m.start, m.end, self.registered) and self._register(m):
+            if not covered(m.start, m.end, self.registered) and self._register(m):
                 self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
+                if m.writable:
+                    self.escapes.append(f"pid {self.pid} mapped the object at {m.start:#x}-"
+                                        f"{m.end:#x} anew during the snapshot (mremap that "
+                                        "grew it?): writes before it was protected are lost")
         self.registered = [(m.start, m.end) for m in self.mappings]
 
     def offset_of(self, address: int) -> int | None:
@@ -239,7 +255,7 @@ def _cut(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int,
     return out
 
 
-def _covered(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
+def covered(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
     """True if [start, end) lies inside the union of `ranges`."""
     pos = start
     for a, b in sorted(ranges):

@@ -519,7 +519,8 @@ class WriterProcess:
 def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
                    rate: float | None = None, max_ops: int | None = None,
                    map_twice: bool = False, partial: bool = False,
-                   enlist: str | None = None, threads: int = 1) -> list[str]:
+                   enlist: str | None = None, threads: int = 1,
+                   agent_hooks: dict[str, Any] | None = None) -> list[str]:
     """argv of a writer process: the native helper (impl="c") or this module (impl="python");
     `enlist` (Python only) is a coordinator socket the writer enlists with before it starts;
     `threads` (native only) runs writers index..index+threads-1, one per thread."""
@@ -543,6 +544,10 @@ def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
         if impl != "python":
             raise ValueError("only the Python writer enlists; native writers are attached")
         argv += ["--enlist", enlist]
+        if agent_hooks:
+            import json
+
+            argv += ["--agent-hooks", json.dumps(agent_hooks)]
     if threads != 1:
         if impl != "c":
             raise ValueError("only the native writer runs several writer threads")
@@ -553,10 +558,11 @@ def writer_command(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
 def spawn_writer(obj: str | os.PathLike[str], index: int, *, impl: str = "c",
                  rate: float | None = None, max_ops: int | None = None, map_twice: bool = False,
                  partial: bool = False, enlist: str | None = None,
-                 threads: int = 1) -> WriterProcess:
+                 threads: int = 1, agent_hooks: dict[str, Any] | None = None) -> WriterProcess:
     """Start a writer process on the object at path `obj`; wait_ready() before relying on it."""
     argv = writer_command(obj, index, impl=impl, rate=rate, max_ops=max_ops,
-                          map_twice=map_twice, partial=partial, enlist=enlist, threads=threads)
+                          map_twice=map_twice, partial=partial, enlist=enlist, threads=threads,
+                          agent_hooks=agent_hooks)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     return WriterProcess(proc, index, impl)
@@ -848,6 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--partial", action="store_true", help="map only the pages used")
     parser.add_argument("--enlist", metavar="SOCK", help="enlist with the coordinator at SOCK "
                         "(uffdsnap.enlist) once mapped, before the first step")
+    parser.add_argument("--agent-hooks", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     first: list[int] = []
@@ -855,9 +862,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def ready(writer: PythonWriter) -> None:
         if args.enlist:
+            from uffdsnap import testhooks
             from uffdsnap.enlist import enlist
 
-            enlisted.append(enlist(args.enlist))
+            enlisted.append(enlist(args.enlist, test_hooks=testhooks.parse(args.agent_hooks)))
         first.append(writer.seq)
         print(f"ready pid={os.getpid()} index={writer.index} seq={writer.seq}", flush=True)
 

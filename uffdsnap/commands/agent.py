@@ -9,6 +9,7 @@ import sys
 
 import trio
 
+from uffdsnap import testhooks
 from uffdsnap.agent import run_agent
 from uffdsnap.errors import UserError
 from uffdsnap.kernel import scm
@@ -23,26 +24,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--listen", metavar="PATH",
                      help="wait on Unix socket PATH for one workload to enlist (send its uffd)")
     how.add_argument("--enlist-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    parser.add_argument(testhooks.HOOKS_OPTION, metavar="JSON", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
+    hooks = testhooks.parse(args.test_hooks)
     if args.attach is not None:
-        return _attach(args.coordinator, args.attach)
+        return _attach(args.coordinator, args.attach, hooks)
     if args.listen:
         sock = _accept_one(args.listen)
     else:
         sock = socket.socket(fileno=args.enlist_fd)
     with sock:
-        return _enlisted(args.coordinator, sock)
+        return _enlisted(args.coordinator, sock, hooks)
 
 
-def _attach(coordinator: str, pid: int) -> int:
+def _attach(coordinator: str, pid: int, hooks: testhooks.Hooks) -> int:
     from uffdsnap.kernel.inject import create_uffd_in
 
     if pid <= 0:
         raise UserError(f"--attach: {pid} is not a process id")
     uffd, _route = create_uffd_in(pid)
-    reason = trio.run(run_agent, coordinator, pid, uffd, "attach")
+    reason = trio.run(lambda: run_agent(coordinator, pid, uffd, "attach", test_hooks=hooks))
     return _ended(reason)
 
 
@@ -60,7 +63,7 @@ def _accept_one(path: str) -> socket.socket:
     return conn
 
 
-def _enlisted(coordinator: str, sock: socket.socket) -> int:
+def _enlisted(coordinator: str, sock: socket.socket, hooks: testhooks.Hooks) -> int:
     """Receive the workload's uffd (one byte + SCM_RIGHTS), join, answer "ok" or "error: ..."."""
     try:
         _data, fds = scm.recv_fds(sock, 16)
@@ -76,8 +79,8 @@ def _enlisted(coordinator: str, sock: socket.socket) -> int:
         _answer(sock, f"error: {e}")
         raise
     try:
-        reason = trio.run(run_agent, coordinator, pid, fds[0], "enlist",
-                          lambda: _answer(sock, "ok"))
+        reason = trio.run(lambda: run_agent(coordinator, pid, fds[0], "enlist",
+                                            lambda: _answer(sock, "ok"), test_hooks=hooks))
     except BaseException as e:
         _answer(sock, f"error: {e}")
         raise

@@ -9,7 +9,8 @@ import signal
 
 import trio
 
-from uffdsnap.commands.snapshot import add_mode_argument
+from uffdsnap import testhooks
+from uffdsnap.commands.snapshot import add_mode_argument, add_test_hooks_argument
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import UserError
 from uffdsnap.groups import unwrap_group
@@ -28,6 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attach", action="store_true",
                         help="at each snapshot, attach an agent (ptrace) to every process that "
                              "maps the object writable and has not enlisted")
+    add_test_hooks_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.listen} exists (another coordinator, or a stale socket?)")
     coordinator = Coordinator(obj, protect_timeout=args.timeout,
                               attach_path=path if args.attach else None,
-                              delegate=args.mode == "delegated")
+                              delegate=args.mode == "delegated",
+                              test_hooks=testhooks.parse(args.test_hooks))
     try:
         with unwrap_group():
             trio.run(_serve, coordinator, path)

@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from uffdsnap import testhooks
 from uffdsnap.channel import PeerClosed, connect
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.kernel.procmaps import ObjectError, open_object
@@ -30,6 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="limit for joining and protecting, in seconds (default 30)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_mode_argument(parser)
+    add_test_hooks_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +68,8 @@ def _local(spec: str, output: str, args: argparse.Namespace, progress: Any) -> d
         return trio.run(lambda: attach_and_snapshot(obj, output, overwrite=args.force,
                                                     timeout=args.timeout,
                                                     delegate=args.mode == "delegated",
-                                                    on_progress=progress))
+                                                    on_progress=progress,
+                                                    test_hooks=testhooks.parse(args.test_hooks)))
     finally:
         obj.close()
 
@@ -91,6 +94,10 @@ async def _remote(path: str, output: str, overwrite: bool) -> dict[str, Any]:
     if not result.ok:
         raise SnapshotFailed(result.reason)
     return dict(result.summary)
+
+
+def add_test_hooks_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(testhooks.HOOKS_OPTION, metavar="JSON", help=argparse.SUPPRESS)
 
 
 def add_mode_argument(parser: argparse.ArgumentParser) -> None:

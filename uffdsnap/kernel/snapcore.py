@@ -55,7 +55,8 @@ class CoreStats:
     service_buckets: tuple[tuple[int, int], ...]  # (LatencyHistogram bucket, count)
 
 
-ABI_VERSION = 1  # snapcore.h's SC_ABI_VERSION
+ABI_VERSION = 2  # snapcore.h's SC_ABI_VERSION
+TEST_UNPROTECT_BEFORE_SAVE = 1  # SC_TEST_UNPROTECT_BEFORE_SAVE
 
 
 @cache
@@ -91,6 +92,7 @@ def _library() -> ctypes.CDLL:
         "sc_take_pending": (i, [vp, i64, ctypes.c_char_p, i]),
         "sc_stats": (None, [vp, ctypes.POINTER(_Stats), _p_u64]),
         "sc_hist_buckets": (i, []),
+        "sc_set_test_flags": (None, [vp, i]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -249,6 +251,10 @@ class SnapCore:
             out += [buf.raw[32 * i:32 * (i + 1)] for i in range(n)]
             if n < 256:
                 return out
+
+    def set_test_flags(self, flags: int) -> None:
+        """Deliberately wrong behaviours for tests' negative controls (TEST_*)."""
+        self._lib.sc_set_test_flags(self._p(), flags)
 
     def stats(self) -> CoreStats:
         st = _Stats()

@@ -119,6 +119,7 @@ struct sc {
     struct span2 *batch; /* saved ranges not yet un-protected everywhere */
     size_t nbatch, batch_cap;
     uint64_t batch_since;
+    int test_flags; /* SC_TEST_*: never set in normal use */
 };
 
 static uint64_t mono_ns(void)
@@ -596,6 +597,16 @@ static void serve_page(struct sc *c, struct uf *u, struct chan *ch, uint64_t off
 {
     uint64_t page = off / c->page_size;
     int fresh = !c->saved[page];
+    if (fresh && (c->test_flags & SC_TEST_UNPROTECT_BEFORE_SAVE)) {
+        /* wrong on purpose (a test's negative control): the writer goes on before its page is
+         * saved, and gets a moment to write into it */
+        if (u)
+            unprotect_in(c, u, off, c->page_size);
+        if (ch)
+            send_unprotect(c, ch, off, c->page_size);
+        struct timespec ts = { 0, 200000 };
+        nanosleep(&ts, NULL);
+    }
     if (fresh) {
         int r = save_page(c, page);
         if (r < 0) {
@@ -687,9 +698,10 @@ static void handle_fault(struct sc *c, struct uf *u, const unsigned char *msg, u
     uint64_t address, off;
     memcpy(&address, msg + 16, 8);
     if (!offset_of(u, address, c->page_size, &off)) {
-        /* not the object (moved away under us): never leave the thread waiting */
-        struct range r = { address - address % c->page_size, c->page_size };
-        uf_ioctl(c, u, UFFDIO_WAKE_IOC, &r);
+        /* Messages come in order (a move is read, and handled by Python, before any fault at
+         * its new address), so a fault we cannot place means the address table is wrong:
+         * tracking is lost. Failing releases (and wakes) everyone. */
+        fail(c, u->ident, EFAULT);
         return;
     }
     if (!c->forward && off >= c->npages * c->page_size) {
@@ -1307,6 +1319,13 @@ void sc_stats(struct sc *c, struct sc_stats *out, uint64_t *hist)
 int sc_hist_buckets(void) { return HIST_BUCKETS; }
 
 int sc_abi_version(void) { return SC_ABI_VERSION; }
+
+void sc_set_test_flags(struct sc *c, int flags)
+{
+    pthread_mutex_lock(&c->mu);
+    c->test_flags = flags;
+    pthread_mutex_unlock(&c->mu);
+}
 
 void sc_abi_sizes(uint64_t *event_size, uint64_t *stats_size)
 {

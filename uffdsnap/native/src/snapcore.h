@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define SC_ABI_VERSION 1
+#define SC_ABI_VERSION 2
 
 /* A uffd message as the kernel hands it out (struct uffd_msg). */
 #define SC_MSG_SIZE 32
@@ -30,6 +30,9 @@ struct sc_stats {
     uint64_t faults, duplicates, fault_pages_saved, held_wait_max_ns, service_count,
         service_max_ns;
 };
+
+/* Test flags (sc_set_test_flags): deliberately wrong behaviours for negative controls. */
+#define SC_TEST_UNPROTECT_BEFORE_SAVE 1
 
 struct sc;
 
@@ -59,5 +62,6 @@ int sc_take_pending(struct sc *c, int64_t ident, unsigned char *out, int max);
 int sc_take_events(struct sc *c, struct sc_event *out, int max);
 void sc_stats(struct sc *c, struct sc_stats *out, uint64_t *hist);
 int sc_hist_buckets(void);
+void sc_set_test_flags(struct sc *c, int flags);
 
 #endif
