@@ -14,7 +14,9 @@
  *     grow-in-place: the same, growing the mapping where it is (no move);
  *     replace: munmap() the mapping, mmap() the object again elsewhere, carry on through that;
  *     exec: execve() this program again, which maps the object anew and carries on as the
- *       same writer (a new address space under the same pid).
+ *       same writer (a new address space under the same pid);
+ *     unmap: munmap() the mapping and stop writing (the stop word is then read with pread);
+ *     remove: MADV_REMOVE this writer's data pages (punching holes), then carry on writing.
  * Prints "ready pid=P index=I", then "forked pid=C index=J" (from the child), "remapped
  * from=A to=B" (after any SIGUSR2 mode but exec, which prints "ready" again from the new
  * image); each process prints "done pid=P seq=S" when the stop flag is set.
@@ -86,9 +88,10 @@ int main(int argc, char **argv)
     }
     if (!path || index < 0 || (strcmp(mode, "move") && strcmp(mode, "grow") &&
                                strcmp(mode, "grow-in-place") && strcmp(mode, "replace") &&
-                               strcmp(mode, "exec"))) {
+                               strcmp(mode, "exec") && strcmp(mode, "unmap") &&
+                               strcmp(mode, "remove"))) {
         fputs("usage: lifecycle --object PATH --index I [--child-index J] [--supervisor]"
-              " [--on-usr2 move|grow|grow-in-place|replace|exec]\n", stderr);
+              " [--on-usr2 move|grow|grow-in-place|replace|exec|unmap|remove]\n", stderr);
         return 2;
     }
     int fd = open(path, O_RDWR);
@@ -153,6 +156,28 @@ int main(int argc, char **argv)
             fflush(stdout);
             execv("/proc/self/exe", argv); /* the same writer resumes from its counter page */
             die("execv");
+        }
+        if (want_remap && !strcmp(mode, "unmap")) {
+            if (munmap((void *)all, lay.size))
+                die("munmap");
+            printf("remapped from=%p to=(none)\n", (void *)all);
+            fflush(stdout);
+            uint64_t stop = 0;
+            while (!stop) { /* nothing mapped: read the stop word from the file */
+                usleep(1000);
+                if (pread(fd, &stop, sizeof stop, H_STOP * 8) != (ssize_t)sizeof stop)
+                    die("pread stop");
+            }
+            printf("done pid=%d seq=%" PRIu64 "\n", getpid(), w.seq);
+            return 0;
+        }
+        if (want_remap && !strcmp(mode, "remove")) {
+            want_remap = 0;
+            char *data = (char *)w.views[0].data;
+            if (madvise(data, lay.data_pages * lay.page_size, MADV_REMOVE))
+                die("madvise(MADV_REMOVE)");
+            printf("remapped from=%p to=%p (removed)\n", (void *)data, (void *)data);
+            fflush(stdout);
         }
         if (want_remap) {
             want_remap = 0;

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SPAWNED, make_workload, needs_root, start_writers, stop_writers
+from conftest import make_workload, needs_root, start_writers, stop_writers
 from procutil import (
+    Lifecycle,
     assert_nothing_published,
     assert_writers_resume,
     finish,
     paused_snapshot,
-    wait_gone,
-    wait_line,
 )
 from uffdsnap import workload as wl
 from uffdsnap.image import verify
@@ -91,39 +90,6 @@ def test_verify_after_fork_free_run(shm_path: str, tmp_path: Path) -> None:
         assert wl.check_file(out).ok and verify(out).ok
     finally:
         stop_writers(shm_path, writers)
-
-
-class Lifecycle:
-    """A helpers/lifecycle.c writer: forks a child writer on SIGUSR1, mremaps on SIGUSR2."""
-
-    def __init__(self, path: str, index: int, child_index: int, supervisor: bool = False):
-        from uffdsnap import devbuild
-
-        self.proc = subprocess.Popen([str(devbuild.build("lifecycle")), "--object", path,
-                                      "--index", str(index), "--child-index",
-                                      str(child_index)] + (["--supervisor"] if supervisor
-                                                           else []),
-                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, text=True)
-        SPAWNED.append(self.proc)
-        assert "ready" in wait_line(self.proc.stdout, "ready")
-        self.children: list[int] = []
-
-    def fork(self) -> int:
-        os.kill(self.proc.pid, signal.SIGUSR1)
-        line = wait_line(self.proc.stdout, "forked")
-        child = int(line.split("pid=")[1].split()[0])
-        self.children.append(child)
-        return child
-
-    def remap(self) -> str:
-        os.kill(self.proc.pid, signal.SIGUSR2)
-        return wait_line(self.proc.stdout, "remapped")
-
-    def stop(self, path: str) -> None:
-        wl.set_stop(path)
-        self.proc.wait(timeout=30)
-        wait_gone(self.children)
 
 
 @pytest.mark.parametrize("mode", ["agents", "delegated"])

@@ -1,8 +1,8 @@
 """ptrace injection against real processes: root and uid-65534 Python targets, C only where a
 state cannot be made from Python (an unstoppable vfork parent). No mocks. Every wait is on an
-event (a line from the target, a readable uffd, waitid) with a deadline, except "the thread is
-inside syscall N" and "the vfork parent is in D state", which have no event and are polled from
-/proc."""
+event (a line from the target, a readable uffd, waitid, a pidfd) with a deadline, except "the
+thread is inside syscall N", "the vfork parent is in D state" and "the target has a tracer", which
+have no event and are polled from /proc."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ needs_root = pytest.mark.skipif(
 
 # The target: maps its own memfd MAP_SHARED, prints "ready PID TID ADDR LEN WORKER_TID", then
 # obeys one command per line on stdin (read byte by byte: data after a command stays unread).
+# With --leader-exits a second thread (TID) does that once the main thread has exited.
 TARGET = r"""
 import ctypes, mmap, os, select, signal, struct, sys, threading, time
 
@@ -110,45 +111,55 @@ if "--thread" in sys.argv:
         time.sleep(3600)
     threading.Thread(target=worker, daemon=True).start()
     started.wait()
-say("ready", os.getpid(), threading.get_native_id(), addr, 4 * PAGE, worker_tid)
+def serve():
+    say("ready", os.getpid(), threading.get_native_id(), addr, 4 * PAGE, worker_tid)
+    while True:
+        cmd = command()
+        if cmd[0] == "ping":
+            say("pong", usr1)
+        elif cmd[0] == "write":
+            page, value = int(cmd[1]), int(cmd[2])
+            mem[page * PAGE] = value
+            say("wrote", page, mem[page * PAGE])
+        elif cmd[0] == "sleep":
+            seconds = float(cmd[1])
+            say("blocking")
+            start = time.monotonic()
+            time.sleep(seconds)
+            say("slept", time.monotonic() - start >= seconds)
+        elif cmd[0] == "nanosleep":
+            seconds = float(cmd[1])
+            ts = struct.pack("<qq", int(seconds), int(seconds % 1 * 1e9))
+            say("blocking")
+            start = time.monotonic()
+            ret = libc.nanosleep(ctypes.c_char_p(ts), None)
+            say("slept", ret == 0 and time.monotonic() - start >= seconds, ctypes.get_errno())
+        elif cmd[0] == "read":
+            say("blocking")
+            say("got", os.read(0, int(cmd[1])).decode())
+        elif cmd[0] == "cread":
+            buf = ctypes.create_string_buffer(64)
+            say("blocking")
+            ret = libc.read(0, buf, int(cmd[1]))
+            say("got", buf.raw[:ret].decode() if ret > 0
+                else f"ret={ret},errno={ctypes.get_errno()}")
+        elif cmd[0] == "epoll":
+            ep = select.epoll()
+            ep.register(0, select.EPOLLIN)
+            say("blocking")
+            events = ep.poll()
+            say("got", os.read(0, int(cmd[1])).decode(), events == [(0, select.EPOLLIN)])
+        elif cmd[0] == "exit":
+            os._exit(int(cmd[1]))
 
-while True:
-    cmd = command()
-    if cmd[0] == "ping":
-        say("pong", usr1)
-    elif cmd[0] == "write":
-        page, value = int(cmd[1]), int(cmd[2])
-        mem[page * PAGE] = value
-        say("wrote", page, mem[page * PAGE])
-    elif cmd[0] == "sleep":
-        seconds = float(cmd[1])
-        say("blocking")
-        start = time.monotonic()
-        time.sleep(seconds)
-        say("slept", time.monotonic() - start >= seconds)
-    elif cmd[0] == "nanosleep":
-        seconds = float(cmd[1])
-        ts = struct.pack("<qq", int(seconds), int(seconds % 1 * 1e9))
-        say("blocking")
-        start = time.monotonic()
-        ret = libc.nanosleep(ctypes.c_char_p(ts), None)
-        say("slept", ret == 0 and time.monotonic() - start >= seconds, ctypes.get_errno())
-    elif cmd[0] == "read":
-        say("blocking")
-        say("got", os.read(0, int(cmd[1])).decode())
-    elif cmd[0] == "cread":
-        buf = ctypes.create_string_buffer(64)
-        say("blocking")
-        ret = libc.read(0, buf, int(cmd[1]))
-        say("got", buf.raw[:ret].decode() if ret > 0 else f"ret={ret},errno={ctypes.get_errno()}")
-    elif cmd[0] == "epoll":
-        ep = select.epoll()
-        ep.register(0, select.EPOLLIN)
-        say("blocking")
-        events = ep.poll()
-        say("got", os.read(0, int(cmd[1])).decode(), events == [(0, select.EPOLLIN)])
-    elif cmd[0] == "exit":
-        os._exit(int(cmd[1]))
+if "--leader-exits" in sys.argv:  # a thread serves; the main thread exits (a zombie leader)
+    def leaderless():
+        while open("/proc/self/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.001)
+        serve()
+    threading.Thread(target=leaderless).start()
+    libc.pthread_exit(None)
+serve()
 """
 
 
@@ -206,7 +217,7 @@ class Target:
         self.proc.wait(DEADLINE)
 
 
-def status(pid: int, field: str) -> str:
+def status(pid: int | str, field: str) -> str:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
@@ -247,7 +258,7 @@ def fd_table(pid: int) -> dict[str, str]:
     return table
 
 
-def maps_text(pid: int) -> str:
+def maps_text(pid: int | str) -> str:
     with open(f"/proc/{pid}/maps") as f:
         return f.read()
 
@@ -466,6 +477,30 @@ def test_injects_into_another_thread(spawn):
     assert target.finish() == 0
 
 
+@needs_root
+@pytest.mark.parametrize("user", USERS)
+def test_process_whose_main_thread_exited_gets_a_working_uffd(spawn, user):
+    """A zombie group leader has no /proc/PID/mem and no files for pidfd_getfd(): we must stop,
+    read and take fds through a live thread, on both routes (the device one reads and writes
+    target memory)."""
+    target = spawn("--leader-exits", user=user)
+    assert target.tid != target.pid and status(target.pid, "State").startswith("Z")
+    fds_before, maps_before = fd_table(target.pid), maps_text(f"{target.pid}/task/{target.tid}")
+    fd = protect_all(target, user)
+    try:
+        assert fd_table(target.pid) == fds_before
+        assert maps_text(f"{target.pid}/task/{target.tid}") == maps_before
+        assert status(f"{target.pid}/task/{target.tid}", "TracerPid") == "0"
+        target.send("write 3 4\n")
+        fault = wait_fault(fd)
+        assert (fault.address, fault.tid) == (target.addr + 3 * PAGE, target.tid)
+        uffd.writeprotect(fd, target.addr + 3 * PAGE, PAGE, False)
+        assert target.expect("wrote") == ["3", "4"]
+    finally:
+        os.close(fd)
+    assert target.finish() == 0
+
+
 # ---- targets that go away, or cannot be had ------------------------------------------------
 
 
@@ -559,6 +594,136 @@ def test_unstoppable_target_times_out_then_is_released_when_it_can_stop(vfork_wa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- the injecting process dies ----------------------------------------------------------------
+
+# An agent that injects through the API and then waits, killed by the test at a chosen point:
+# "stopped" (just attached), "holding" (a scratch page, a uffd and a /dev/userfaultfd fd given to
+# the target, all still there: the worst moment to die), "in-call" (inside an injected nanosleep).
+AGENT = r"""
+import os, struct, sys
+from uffdsnap.kernel.inject import SYS_NANOSLEEP, SYS_USERFAULTFD, injected
+pid, point = int(sys.argv[1]), sys.argv[2]
+with injected(pid) as t:
+    if point != "stopped":
+        page = t.map_scratch()
+        t.syscall_fd(SYS_USERFAULTFD, os.O_NONBLOCK | os.O_CLOEXEC)
+        device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        t.give_fd(device)
+    print("holding", t.tid, flush=True)
+    if point == "in-call":
+        t.write(page, struct.pack("<qq", 1, 0))
+        t.syscall(SYS_NANOSLEEP, page, 0)
+    sys.stdin.read()
+"""
+
+
+def line_of(proc: subprocess.Popen[bytes]) -> str:
+    """The next line `proc` prints, within DEADLINE (it prints nothing else meanwhile)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + DEADLINE
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], f"{proc.pid} said nothing"
+        byte = os.read(fd, 1)
+        assert byte, f"{proc.pid} exited with {proc.wait(DEADLINE)} before saying anything"
+        buf += byte
+    return buf.decode()
+
+
+def traced_by(pid: int) -> int:
+    """Poll until `pid` has a tracer (no event exists for that); its pid."""
+    deadline = time.monotonic() + DEADLINE
+    while (tracer := int(status(pid, "TracerPid"))) == 0:
+        assert time.monotonic() < deadline, f"{pid} was never traced"
+        time.sleep(0.001)
+    return tracer
+
+
+def wait_exit(pid: int) -> None:
+    """Wait, within DEADLINE, until process `pid` (not our child) has exited."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([pidfd], [], [], DEADLINE)[0], f"{pid} did not exit"
+    finally:
+        os.close(pidfd)
+
+
+def uffds_in(pid: int) -> list[str]:
+    return [fd for fd, link in fd_table(pid).items() if link == "anon_inode:[userfaultfd]"]
+
+
+@needs_root
+@pytest.mark.parametrize("point", ["stopped", "holding", "in-call"])
+def test_agent_killed_mid_injection_leaves_target_running_and_unaltered(spawn, point):
+    """SIGKILL of the injecting process is the one exit no `finally` sees; were the tracer a
+    thread of it, the kernel would detach the target with injected registers in place (it
+    crashes in the borrowed vdso code) and leave the uffd we made in it."""
+    target = spawn()
+    fds_before, maps_before = fd_table(target.pid), maps_text(target.pid)
+    agent = subprocess.Popen([sys.executable, "-P", "-c", AGENT, str(target.pid), point],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert line_of(agent) == f"holding {target.tid}\n"
+        tracer = int(status(target.pid, "TracerPid"))
+        assert tracer != 0
+        if point == "in-call":
+            wait_in_syscall(target.pid, target.tid, inject.SYS_NANOSLEEP)
+        else:
+            assert status(target.pid, "State").startswith("t")
+        assert bool(uffds_in(target.pid)) == (point != "stopped")
+        agent.kill()
+        assert agent.wait(DEADLINE) == -signal.SIGKILL
+        wait_exit(tracer)  # it finishes any call, removes what was made, restores, detaches
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(DEADLINE)
+    assert status(target.pid, "TracerPid") == "0"
+    assert status(target.pid, "State")[0] not in "tT"
+    assert uffds_in(target.pid) == []
+    assert fd_table(target.pid) == fds_before
+    assert maps_text(target.pid) == maps_before
+    assert target.ping() == 0  # its registers are its own: it runs on and answers
+    target.send("write 1 5\n")
+    assert target.expect("wrote") == ["1", "5"]
+    assert target.finish() == 0
+
+
+def test_attach_agent_killed_before_the_target_stops_releases_it(vfork_wait, tmp_path):
+    """`uffdsnap agent --attach` SIGKILLed while the target cannot stop yet (vfork wait): the
+    target is stopped, restored and released once it can stop, and runs on to a clean exit."""
+    proc = subprocess.Popen([vfork_wait], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    agent = None
+    try:
+        assert line_of(proc).startswith("vforking")
+        deadline = time.monotonic() + DEADLINE
+        while not status(proc.pid, "State").startswith("D"):  # no event for "in vfork wait"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        agent = subprocess.Popen([sys.executable, "-P", "-m", "uffdsnap", "agent", "--attach",
+                                  str(proc.pid), "--coordinator", str(tmp_path / "none.sock")],
+                                 stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tracer = traced_by(proc.pid)  # seized; its PTRACE_INTERRUPT waits for the vfork
+        agent.kill()
+        assert agent.wait(DEADLINE) == -signal.SIGKILL
+        assert proc.stdin is not None
+        proc.stdin.write(b"x")  # the vfork child exits; the parent stops and is released
+        proc.stdin.flush()
+        wait_exit(tracer)
+        assert line_of(proc) == "done\n"
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        for p in (agent, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(DEADLINE)
 
 
 # ---- seccomp ---------------------------------------------------------------------------------

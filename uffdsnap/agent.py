@@ -314,6 +314,8 @@ class Agent:
         by_pid = {t.pid: t for t in self.trackers if t.pid is not None}
         for pid in sorted({self.pid, *by_pid}):
             tracker = by_pid.get(pid)
+            if tracker is not None and tracker.address_space_gone():
+                tracker = None  # exec'd: whatever it maps now is not protected by us
             try:
                 maps = [m for m in mappings_of(pid, self.object_id) if m.writable]
             except (ProcessLookupError, OSError):

@@ -152,19 +152,32 @@ class Tracker:
         self._adopt()
 
     def _adopt(self) -> None:
-        """After the layout changed: re-read it if we can, and register (and, during a snapshot,
-        protect) whatever part of it is not covered by what we registered."""
+        """After the layout changed: re-read it if we can. During a snapshot, a writable part
+        not covered by what we registered (an mremap that grew the mapping, or a new mapping
+        found meanwhile) may have been written before anyone could protect it: an escape,
+        which fails the snapshot (the agent reports it at release). It is not registered now:
+        protecting it late would prove nothing, and the uffd's reader (our core, or the
+        coordinator's in delegated mode) could not place its faults."""
         self.refresh()
         if not self.protected:
             return
-        for m in list(self.mappings):
-            if not covered(m.start, m.end, self.registered) and self._register(m):
-                self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
-                if m.writable:
-                    self.escapes.append(f"pid {self.pid} mapped the object at {m.start:#x}-"
-                                        f"{m.end:#x} anew during the snapshot (mremap that "
-                                        "grew it?): writes before it was protected are lost")
-        self.registered = [(m.start, m.end) for m in self.mappings]
+        self.escapes += [f"pid {self.pid} mapped the object at {m.start:#x}-{m.end:#x} anew "
+                         "during the snapshot (an mremap that grew it, or a new mapping): "
+                         "writes there were not tracked"
+                         for m in self.mappings
+                         if m.writable and not covered(m.start, m.end, self.registered)]
+
+    def address_space_gone(self) -> bool:
+        """Whether the address space this uffd serves is gone (the process exited or exec'd:
+        its pid may live on in a new image this uffd knows nothing of)."""
+        spans = self.registered or [(m.start, m.end) for m in self.mappings]
+        if not spans:
+            return False
+        try:
+            K.wake(self.uffd, spans[0][0], self.page_size)  # harmless: nothing waits there
+        except KernelError as e:
+            return e.errno in GONE
+        return False
 
     def offset_of(self, address: int) -> int | None:
         """Page-aligned object offset of a faulting address, None if outside every mapping."""

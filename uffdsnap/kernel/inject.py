@@ -30,36 +30,46 @@ How the target is left untouched (x86_64 only):
 - Every resource injected through this API (fds, scratch pages) is closed/unmapped when the
   `with` block is left, on every path; then registers are restored and we detach. A target that
   exits mid-way ends the session with a KernelError (ESRCH), never a hang.
-- Every ptrace request runs on one private thread per session (ptrace binds a tracee to the
-  attaching *thread*), and callers wait on it with a timeout. If the target cannot be stopped in
-  time (e.g. uninterruptible sleep) the caller gets ETIMEDOUT at once, and that thread finishes the
-  restore and detach whenever the target does stop.
-Known limits: if our process dies mid-injection the kernel detaches with our registers in place;
-another thread of the target that forks while it briefly holds an injected fd passes the copy on.
+- Every ptrace request runs in one private tracer process per session, forked from ours (ptrace
+  binds a tracee to the attaching *thread*), and callers wait on it with a timeout. If the target
+  cannot be stopped in time (e.g. uninterruptible sleep) the caller gets ETIMEDOUT at once, and
+  the tracer finishes the restore and detach whenever the target does stop.
+- Our death does not strand the target: a tracer thread would die with us and the kernel would
+  detach the target with injected registers in place (it then crashes in the borrowed vdso code).
+  The tracer process outlives us, and when its socket reads EOF it removes what was injected,
+  restores the registers and detaches. Between calls it rests with the saved registers in place.
+- A process whose main thread has exited (a zombie group leader, other threads running): we drive
+  a live thread, and reach its memory, maps and fds through /proc/PID/task/TID and a thread pidfd
+  (the leader's /proc/PID/mem says ESRCH, and pidfd_getfd through it finds no files).
+Known limits: if the tracer process itself is SIGKILLed during a call, the kernel detaches with
+that call's registers in place; another thread of the target that forks while it briefly holds an
+injected fd passes the copy on. Yama ptrace_scope=1 needs CAP_SYS_PTRACE even for our own
+children (the tracer is never the target's ancestor).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import os
+import pickle
 import platform
-import queue
+import select
 import signal
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, NoReturn
 
+from uffdsnap.kernel import scm
 from uffdsnap.kernel import uffd as _uffd
 from uffdsnap.kernel._libc import KernelError, syscall
 from uffdsnap.kernel.pidfd import pidfd_getfd, pidfd_open
-from uffdsnap.kernel.procmaps import read_maps
-from uffdsnap.kernel.scm import fds_ancillary
+from uffdsnap.kernel.procmaps import parse_maps
 
 # x86_64 system call numbers used here.
 SYS_READ = 0
@@ -110,8 +120,7 @@ _SYS_SECCOMP = 1  # si_code of a SIGSYS sent by a seccomp RET_TRAP
 
 DEFAULT_TIMEOUT = 5.0
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-_T = TypeVar("_T")
+PIDFD_THREAD = os.O_EXCL  # pidfd_open() flag (Linux 6.9): a pidfd for one thread, not its group
 
 
 class _Regs(ctypes.Structure):
@@ -259,53 +268,204 @@ def _describe_action(ret: int) -> str:
 _ENLIST = "attach cannot use this target: have the workload enlist (send its own userfaultfd)"
 
 
-# ---- the tracer thread ----------------------------------------------------------------------
+# ---- the tracer process ---------------------------------------------------------------------
+
+_MAX_MESSAGE = 1 << 16  # a pickled request or reply (a seqpacket message fits one buffer)
+_TRACER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE,
+                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+# The _Session methods a caller may request, and which of them return an fd of the tracer's
+# (handed over with SCM_RIGHTS, then closed there).
+_REQUESTS = frozenset({"attach", "run", "syscall_fd", "close_fd", "take_fd", "give_fd",
+                       "map_scratch", "unmap_scratch", "read", "write", "release"})
+_FD_RESULTS = frozenset({"take_fd"})
 
 
-class _TracerThread:
-    """Runs every ptrace request of one session on one thread of ours.
+class _TracerProcess:
+    """Runs every ptrace request of one session in a process of its own, forked from ours.
 
-    ptrace ties a tracee to the thread that attached, so all requests must come from it; running
-    them on a private thread also lets a caller stop waiting (timeout) while the thread still
-    finishes the restore and detach once the target stops.
+    ptrace ties a tracee to the thread that attached, so all requests come from one place. That
+    place is not a thread of ours because it would die with us: if we were SIGKILLed
+    mid-injection the kernel would detach the target with our registers in place (it runs on from
+    the vdso `syscall` we borrowed and crashes) and keep any fd we made in it. The tracer outlives
+    us: when its socket reads EOF (we are done, gave up waiting, or died) it releases the target
+    as `_Session.release` does, and exits. It runs in a session of its own, deaf to terminal and
+    termination signals, so what kills us (^C to our process group, SIGTERM, SIGKILL) does not
+    kill it mid-call. It also lets a caller stop waiting (timeout) while the tracer finishes the
+    restore and detach once the target stops.
     """
 
-    def __init__(self, name: str):
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Future[object]] | None] = (
-            queue.SimpleQueue())
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, future = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as e:  # handed to the caller
-                    future.set_exception(e)
-
-    def call(self, fn: Callable[[], _T], timeout: float, what: str, detail: str) -> _T:
-        """Run `fn` on the tracer thread; raise KernelError(ETIMEDOUT) if it takes too long."""
-        future: Future[object] = Future()
-        self._jobs.put((fn, future))
+    def __init__(self, pid: int, tid: int, detail: str):
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            return future.result(timeout)  # type: ignore[return-value]
-        except TimeoutError:
-            if future.done():
-                raise
-            future.cancel()
+            child = os.fork()
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            raise KernelError("fork", e.errno or errno.EAGAIN, detail,
+                              "could not start a tracer process") from None
+        if child == 0:
+            _tracer_main(theirs, pid, tid)  # never returns
+        theirs.close()
+        self._child = child
+        self._sock: socket.socket | None = ours
+        self._busy = False  # a request is out and its reply has not come back
+        self._hung_up = ""
+
+    def call(self, request: str, args: tuple[object, ...], timeout: float, what: str,
+             detail: str, fds: tuple[int, ...] = ()) -> object:
+        """Have the tracer run _Session.`request`(*args, *copies of `fds`); its result, or its
+        exception re-raised here; KernelError(ETIMEDOUT) if it takes longer than `timeout`.
+        Any way out of a request but its reply hangs up, so a late reply is never taken for the
+        next request's."""
+        sock = self._sock
+        if sock is None:
+            raise KernelError(what, errno.ECANCELED, detail,
+                              f"not sent: {self._hung_up}; the tracer process restores and "
+                              "releases the target as soon as it stops")
+        message = pickle.dumps((request, args))
+        if len(message) > _MAX_MESSAGE:
+            raise ValueError(f"request too large ({len(message)} bytes)")
+        ready = False
+        data, got = b"", []
+        self._busy = True
+        try:
+            scm.send_fds(sock, message, list(fds))
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            ready = bool(poller.poll(max(0, int(timeout * 1000))))
+            if ready:
+                data, got = scm.recv_fds(sock, _MAX_MESSAGE, 1)
+        except (OSError, ValueError) as e:
+            self.finish("lost the tracer process")
+            raise KernelError(what, errno.EPIPE, detail, f"lost the tracer process: {e}") from None
+        except BaseException:
+            self.finish(f"{what} was interrupted")
+            raise
+        if not ready:
+            self.finish(f"{what} timed out")
             raise KernelError(what, errno.ETIMEDOUT, detail,
                               f"the target did not stop within {timeout:g}s (uninterruptible "
-                              "sleep? see its /proc/PID/stack); it is restored and released when "
-                              "it does") from None
+                              "sleep? see its /proc/PID/stack); it is restored and released "
+                              "when it does")
+        self._busy = False
+        if not data:
+            self.finish("the tracer process died")
+            raise KernelError(what, errno.EPIPE, detail, "the tracer process died")
+        kind, value = pickle.loads(data)
+        if kind == "fd" and len(got) == 1:
+            return got[0]
+        for fd in got:
+            os.close(fd)
+        if kind == "ok":
+            return value
+        if kind == "kernel":
+            call, err, err_detail, hint, notes = value
+            error = KernelError(call, err, err_detail, hint)
+            for note in notes:
+                error.add_note(note)
+            raise error
+        if kind == "error" and isinstance(value, Exception):
+            raise value
+        raise KernelError(what, errno.EPROTO, detail, f"unexpected reply {kind!r} from the tracer")
 
-    def finish(self) -> None:
-        """Let the thread end after its queued work (its exit would also detach any tracee)."""
-        self._jobs.put(None)
+    def finish(self, why: str = "the session ended") -> None:
+        """Hang up: the tracer releases the target if it still holds it, and exits. It is reaped
+        here, at once, unless it is still busy with a request (a target that will not stop):
+        then a daemon thread reaps it whenever it is done."""
+        if self._sock is None:
+            return
+        self._sock.close()
+        self._sock = None
+        self._hung_up = why
+        if self._busy:
+            threading.Thread(target=_reap, args=(self._child,), name="uffdsnap-tracer-reaper",
+                             daemon=True).start()
+        else:
+            _reap(self._child)
 
 
-# ---- one injection session (runs on the tracer thread) ----------------------------------------
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # someone else reaped it (e.g. SIGCHLD ignored)
+
+
+def _tracer_main(sock: socket.socket, pid: int, tid: int) -> NoReturn:
+    """The tracer process: serve requests until EOF, then release the target and exit."""
+    code = 1
+    try:
+        gc.disable()  # a fork-time garbage socket, collected here, would close a reused fd number
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        for sig in _TRACER_IGNORES:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in range(3):
+            if fd != null:
+                os.dup2(null, fd)
+        # Keep no copy of the caller's fds (a uffd, a pipe someone waits on for EOF) alive here.
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2 and int(name) != sock.fileno():
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass  # the listing's own fd
+        session = _Session(pid, tid)
+        try:
+            _serve(sock, session)
+        finally:
+            session.release()
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _serve(sock: socket.socket, session: _Session) -> None:
+    """One reply per request, in order; an error is a reply too, so the caller never waits in
+    vain. Returns at EOF."""
+    while True:
+        try:
+            data, fds = scm.recv_fds(sock, _MAX_MESSAGE, 1)
+        except (OSError, ValueError):
+            return
+        if not data:
+            return  # the caller is done, gave up, or died
+        out: list[int] = []
+        try:
+            request, args = pickle.loads(data)
+            if request not in _REQUESTS:
+                raise ValueError(f"unknown tracer request {request!r}")
+            value = getattr(session, request)(*args, *fds)
+            if request in _FD_RESULTS:
+                out, reply = [value], ("fd", None)
+            else:
+                reply = ("ok", value)
+        except KernelError as e:
+            reply = ("kernel", (e.call, e.errno, e.detail, e.hint, getattr(e, "__notes__", [])))
+        except Exception as e:
+            reply = ("error", e)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            try:
+                message = pickle.dumps(reply)
+            except Exception:
+                message = pickle.dumps(("error", RuntimeError(repr(reply[1]))))
+            if len(message) > _MAX_MESSAGE:
+                message = pickle.dumps(("error", ValueError("reply too large")))
+            scm.send_fds(sock, message, out)
+        except OSError:
+            pass  # the caller is gone: the next receive says so
+        finally:
+            for fd in out:
+                os.close(fd)
+
+
+# ---- one injection session (runs in the tracer process) -------------------------------------
 
 
 @dataclass(frozen=True)
@@ -322,7 +482,10 @@ class _Session:
     def __init__(self, pid: int, tid: int):
         self.pid = pid
         self.tid = tid
-        self.detail = f"pid={pid}" if pid == tid else f"pid={pid}, tid={tid}"
+        self.detail = _detail(pid, tid)
+        # Every /proc file goes through the thread we drive: those of a zombie group leader
+        # (main thread exited, others running) say ESRCH or read empty.
+        self.proc = f"/proc/{pid}/task/{tid}"
         self.attached = False
         self.gone = False
         self.saved: _Regs | None = None
@@ -390,7 +553,7 @@ class _Session:
 
     def _sigsys_pending(self) -> bool:
         """A deliverable SIGSYS is queued for this thread (seccomp's is forced unblocked)."""
-        status = f"/proc/{self.pid}/task/{self.tid}/status"
+        status = f"{self.proc}/status"
         pending = int(_status_field(status, "SigPnd") or "0", 16)
         blocked = int(_status_field(status, "SigBlk") or "0", 16)
         return bool(pending & ~blocked & 1 << (signal.SIGSYS - 1))
@@ -420,22 +583,22 @@ class _Session:
 
     # -- attach --
 
-    def attach(self) -> None:
+    def attach(self) -> StopPoint:
         if platform.machine() != "x86_64":
             raise KernelError("ptrace injection", errno.ENOSYS, self.detail,
                               "only x86_64 targets are supported")
-        if not os.path.exists(f"/proc/{self.pid}/task/{self.tid}"):
+        if not os.path.exists(self.proc):
             raise KernelError("ptrace(PTRACE_SEIZE)", errno.ESRCH, self.detail,
                               "no such process or thread")
-        self.pidfd = pidfd_open(self.pid)
+        self.pidfd = self._open_pidfd()
         try:
             self._ptrace(PTRACE_SEIZE, "PTRACE_SEIZE", 0, PTRACE_O_TRACESYSGOOD)
         except KernelError as e:
-            state = _status_field(f"/proc/{self.pid}/task/{self.tid}/status", "State") or "X"
+            state = _status_field(f"{self.proc}/status", "State") or "X"
             if state.startswith(("Z", "X")):  # the kernel says EPERM for a zombie
                 raise KernelError(e.call, errno.ESRCH, e.detail, "the target has exited") from None
             raise KernelError(e.call, e.errno or errno.EPERM, e.detail,
-                              _seize_hint(self.pid, e.errno or 0)) from None
+                              _seize_hint(self.proc, e.errno or 0)) from None
         self.attached = True
         self._request(PTRACE_INTERRUPT, "PTRACE_INTERRUPT")
         self._run_to_event_stop("ptrace(PTRACE_INTERRUPT)", None)
@@ -445,11 +608,23 @@ class _Session:
                               "the target is not a 64-bit x86_64 process")
         self.stop_point = _stop_point(self.saved)
         try:
-            self.mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            self.mem_fd = os.open(f"{self.proc}/mem", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            raise KernelError("open", e.errno or errno.EIO, f"/proc/{self.pid}/mem") from None
+            raise KernelError("open", e.errno or errno.EIO, f"{self.proc}/mem", "") from None
         self.syscall_at = self._find_syscall_instruction()
         self.filters = self._seccomp_filters()
+        return self.stop_point
+
+    def _open_pidfd(self) -> int:
+        """A pidfd to take fds through: pidfd_getfd() reads the files of the task behind it,
+        and a zombie group leader has none, so name the thread we drive where we can."""
+        if self.tid != self.pid:
+            try:
+                return os.pidfd_open(self.tid, PIDFD_THREAD)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: a kernel before 6.9
+                    raise KernelError("pidfd_open", e.errno or errno.EIO, self.detail) from None
+        return pidfd_open(self.pid)
 
     def _run_to_event_stop(self, call: str, resume_sig: int | None) -> None:
         """Run the tracee (resumed with `resume_sig`; None if it is already running) into a
@@ -496,7 +671,11 @@ class _Session:
     def _find_syscall_instruction(self) -> int:
         """Address of a `syscall` (0f 05) the target already has: in its vdso, else in any
         executable mapping. We never write code into the target."""
-        maps = read_maps(self.pid)
+        try:
+            with open(f"{self.proc}/maps") as f:
+                maps = parse_maps(f.read())
+        except OSError as e:
+            raise KernelError("read", e.errno or errno.EIO, f"{self.proc}/maps") from None
         ordered = [m for m in maps if m.path == "[vdso]"] + [
             m for m in maps if m.perms[2] == "x" and m.path not in ("[vdso]", "[vsyscall]")]
         for mapping in ordered:
@@ -516,7 +695,7 @@ class _Session:
                           "found no syscall instruction in the target to borrow")
 
     def _seccomp_filters(self) -> list[bytes]:
-        mode = _status_field(f"/proc/{self.pid}/task/{self.tid}/status", "Seccomp")
+        mode = _status_field(f"{self.proc}/status", "Seccomp")
         if mode in (None, "0"):
             return []
         if mode == "1":
@@ -566,6 +745,7 @@ class _Session:
                 break
         else:
             result = -errno.EINTR
+        self._put_back()
         if -_MAX_ERRNO <= result < 0:
             raise KernelError(name, -result, detail,
                               f"the target's seccomp filter trapped it; {_ENLIST}"
@@ -660,7 +840,14 @@ class _Session:
         self.run(SYS_MUNMAP, (addr, length))
 
     def take_fd(self, fd: int) -> int:
-        return pidfd_getfd(self.pidfd, fd, self.pid)
+        try:
+            return pidfd_getfd(self.pidfd, fd, self.pid)
+        except KernelError as e:
+            if e.errno != errno.ESRCH or self.tid == self.pid:
+                raise
+            raise KernelError(e.call, errno.ESRCH, e.detail,
+                              "its main thread has exited, and this kernel has no PIDFD_THREAD "
+                              "(Linux 6.9) to take fds through another thread") from None
 
     def give_fd(self, ours: int) -> int:
         """Install a copy of our fd `ours` in the target: it recvmsg()s it, SCM_RIGHTS, from one
@@ -675,7 +862,7 @@ class _Session:
             try:
                 with socket.socket(fileno=self.take_fd(a)) as sender:
                     sender.settimeout(0)  # an empty socket's buffer takes one byte at once
-                    sender.sendmsg([b"F"], fds_ancillary([ours]))
+                    sender.sendmsg([b"F"], scm.fds_ancillary([ours]))
                 received = self._recv_fd(page, b)
             finally:  # both ends stay open until here: `received` cannot reuse their numbers
                 for fd in (a, b):
@@ -737,13 +924,18 @@ class _Session:
             if not self.gone:
                 errors.append(e)
 
+    def _put_back(self) -> None:
+        """The saved registers back in while we rest between calls: if we (the tracer) die
+        there, the kernel's detach lets the thread carry on as if never stopped."""
+        if self.saved is not None and self.dirty:
+            self._setregs(self.saved)
+            self.dirty = False
+
     def _restore_and_detach(self) -> None:
         # Back inside get_signal(), where we found it: the saved registers then meet the
         # syscall-restart logic exactly as they would have without us.
         self._settle("ptrace(PTRACE_INTERRUPT)")
-        if self.saved is not None and self.dirty:
-            self._setregs(self.saved)
-            self.dirty = False
+        self._put_back()
         self._ptrace(PTRACE_DETACH, "PTRACE_DETACH")
         self.attached = False
 
@@ -767,13 +959,17 @@ def _status_field(path: str, field: str) -> str | None:
     return None
 
 
-def _seize_hint(pid: int, err: int) -> str:
-    """Why PTRACE_SEIZE was refused, in terms a user can act on."""
+def _detail(pid: int, tid: int) -> str:
+    return f"pid={pid}" if pid == tid else f"pid={pid}, tid={tid}"
+
+
+def _seize_hint(task: str, err: int) -> str:
+    """Why PTRACE_SEIZE of /proc/PID/task/TID `task` was refused, in terms a user can act on."""
     if err == errno.ESRCH:
         return "no such process"
     if err != errno.EPERM:
         return ""
-    tracer = _status_field(f"/proc/{pid}/status", "TracerPid")
+    tracer = _status_field(f"{task}/status", "TracerPid")
     if tracer not in (None, "0"):
         return f"the target is already traced by pid {tracer} (a debugger or strace?)"
     try:
@@ -784,9 +980,9 @@ def _seize_hint(pid: int, err: int) -> str:
     if scope == "3":
         return "kernel.yama.ptrace_scope=3 forbids ptrace on this machine until reboot"
     if scope in ("1", "2") and os.geteuid() != 0:
-        return (f"kernel.yama.ptrace_scope={scope} only lets "
-                f"{'parents or ' if scope == '1' else ''}CAP_SYS_PTRACE holders trace: run as "
-                "root or give uffdsnap CAP_SYS_PTRACE")
+        return (f"kernel.yama.ptrace_scope={scope} only lets CAP_SYS_PTRACE holders trace "
+                f"{'a process that is not their descendant ' if scope == '1' else ''}(our tracer "
+                "never is the target's ancestor): run as root or give uffdsnap CAP_SYS_PTRACE")
     return ("needs CAP_SYS_PTRACE, or the target's uid and a dumpable target (not setuid, not a "
             "kernel thread); run `uffdsnap doctor`")
 
@@ -816,96 +1012,103 @@ class Injected:
     Target fds and scratch pages made through it are removed when the `with` block is left.
     """
 
-    def __init__(self, session: _Session, tracer: _TracerThread, timeout: float):
-        self._session = session
+    def __init__(self, tracer: _TracerProcess, pid: int, tid: int, stop_point: StopPoint,
+                 timeout: float):
         self._tracer = tracer
+        self._pid = pid
+        self._tid = tid
+        self._stop_point = stop_point
         self._timeout = timeout
 
     @property
     def pid(self) -> int:
-        return self._session.pid
+        return self._pid
 
     @property
     def tid(self) -> int:
-        return self._session.tid
+        return self._tid
 
     @property
     def stop_point(self) -> StopPoint:
         """What the thread was doing when we stopped it (it resumes that on release)."""
-        return self._session.stop_point
+        return self._stop_point
 
-    def _call(self, fn: Callable[[], _T], what: str) -> _T:
-        return self._tracer.call(fn, self._timeout, what, self._session.detail)
+    def _call(self, what: str, request: str, *args: object, fds: tuple[int, ...] = ()) -> Any:
+        return self._tracer.call(request, args, self._timeout, what,
+                                 _detail(self._pid, self._tid), fds)
 
     def syscall(self, nr: int, *args: int) -> int:
         """Run system call `nr` in the target; its result (>= 0) or KernelError for -errno."""
-        return self._call(lambda: self._session.run(nr, args), _call_name(nr))
+        return self._call(_call_name(nr), "run", nr, args)
 
     def syscall_fd(self, nr: int, *args: int) -> int:
         """Run a call that returns a new fd in the target; that fd is closed on leaving unless
         `close_fd` closed it first."""
-        return self._call(lambda: self._session.syscall_fd(nr, args), _call_name(nr))
+        return self._call(_call_name(nr), "syscall_fd", nr, args)
 
     def close_fd(self, fd: int) -> None:
         """close(fd) in the target now."""
-        self._call(lambda: self._session.close_fd(fd), "injected close")
+        self._call("injected close", "close_fd", fd)
 
     def take_fd(self, fd: int) -> int:
         """A copy of the target's fd `fd` in our process (pidfd_getfd; CLOEXEC)."""
-        return self._call(lambda: self._session.take_fd(fd), "pidfd_getfd")
+        return self._call("pidfd_getfd", "take_fd", fd)
 
     def give_fd(self, fd: int) -> int:
         """A copy of our fd `fd` in the target (CLOEXEC there); closed on leaving unless
         `close_fd` closed it first."""
-        return self._call(lambda: self._session.give_fd(fd), "give fd to target")
+        return self._call("give fd to target", "give_fd", fds=(fd,))
 
     def map_scratch(self, length: int = PAGE_SIZE) -> int:
         """Map private anonymous read-write memory in the target; unmapped on leaving."""
-        return self._call(lambda: self._session.map_scratch(length), "injected mmap")
+        return self._call("injected mmap", "map_scratch", length)
 
     def unmap_scratch(self, addr: int) -> None:
-        self._call(lambda: self._session.unmap_scratch(addr), "injected munmap")
+        self._call("injected munmap", "unmap_scratch", addr)
 
     def read(self, addr: int, length: int) -> bytes:
-        """Read target memory (through /proc/PID/mem)."""
-        return self._call(lambda: self._session.read(addr, length), "read target memory")
+        """Read target memory (through /proc/PID/task/TID/mem)."""
+        return self._call("read target memory", "read", addr, length)
 
     def write(self, addr: int, data: bytes) -> None:
-        """Write target memory (through /proc/PID/mem)."""
-        self._call(lambda: self._session.write(addr, data), "write target memory")
+        """Write target memory (through /proc/PID/task/TID/mem)."""
+        self._call("write target memory", "write", addr, bytes(data))
 
 
 @contextmanager
 def injected(pid: int, tid: int | None = None,
              timeout: float = DEFAULT_TIMEOUT) -> Iterator[Injected]:
-    """Stop thread `tid` of process `pid` (default: its leader) to run system calls in it.
+    """Stop thread `tid` of process `pid` (default: its leader, or a live thread if the leader
+    has exited) to run system calls in it.
 
     PTRACE_SEIZE + PTRACE_INTERRUPT, then registers are saved. Leaving the block on any path
-    (exceptions, the target exiting) removes what was injected, restores the registers and
-    detaches: the target is never left stopped or altered. Each step waits at most `timeout`
-    seconds. Raises KernelError naming the call that failed and why (permissions, Yama,
-    seccomp, the target exiting).
+    (exceptions, the target exiting, our own death: see _TracerProcess) removes what was
+    injected, restores the registers and detaches: the target is never left stopped or altered.
+    Each step waits at most `timeout` seconds. Raises KernelError naming the call that failed
+    and why (permissions, Yama, seccomp, the target exiting).
     """
     if pid == os.getpid():
         raise KernelError("ptrace(PTRACE_SEIZE)", errno.EINVAL, f"pid={pid}",
                           "cannot inject into our own process")
-    session = _Session(pid, _pick_thread(pid) if tid is None else tid)
-    tracer = _TracerThread(f"uffdsnap-inject-{pid}")
+    tid = _pick_thread(pid) if tid is None else tid
+    detail = _detail(pid, tid)
+    tracer = _TracerProcess(pid, tid, detail)
 
     def release() -> None:
-        tracer.call(session.release, timeout, "ptrace(PTRACE_DETACH)", session.detail)
+        tracer.call("release", (), timeout, "ptrace(PTRACE_DETACH)", detail)
 
     try:
         try:
-            tracer.call(session.attach, timeout, "ptrace(PTRACE_SEIZE)", session.detail)
+            stop_point = tracer.call("attach", (), timeout, "ptrace(PTRACE_SEIZE)", detail)
         except BaseException as e:
             try:
                 release()
             except KernelError as cleanup:
                 e.add_note(f"while releasing the target: {cleanup}")
             raise
+        assert isinstance(stop_point, StopPoint)
         try:
-            yield Injected(session, tracer, timeout)
+            yield Injected(tracer, pid, tid, stop_point, timeout)
         except BaseException as e:
             try:
                 release()
