@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -23,13 +24,44 @@ ROOT = os.geteuid() == 0
 SPAWNED: list[Any] = []
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _kill_leftovers() -> Iterator[None]:
+    """After each test: kill whatever it left running (writers it started, and any descendant of
+    ours: agents, coordinators, their children), so that no test runs beside another's leftovers
+    (a writer whose object was unlinked would otherwise spin on until the session ends)."""
+    mark = len(SPAWNED)
     yield
-    for proc in SPAWNED:
+    for proc in SPAWNED[mark:]:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.wait(timeout=10)
+    del SPAWNED[mark:]
+    for pid in _descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of `root`, from /proc (children first-level, then theirs)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (userfaultfd on other processes, "
                                                  "ptrace attach); CI runs as root")
 

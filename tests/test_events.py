@@ -143,3 +143,41 @@ def test_mremap_during_snapshot(mode: str, shm_path: str, tmp_path: Path) -> Non
     finally:
         mover.stop(shm_path)
         stop_writers(shm_path, plain)
+
+
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+async def test_madv_remove_during_the_copy_refuses_the_snapshot(mode: str, shm_path: str,
+                                                               tmp_path: Path) -> None:
+    """MADV_REMOVE punches holes with no write fault: unsaved pages would be saved as zeros.
+    A process that maps the object but does not write it (a supervisor) punches writer 0's
+    data pages (filled before the snapshot, so unsaved in the copy): the remove event reaches
+    the coordinator, which refuses the snapshot, naming it; every writer resumes. (Best effort
+    in general, docs/overview.md: here the test holds the copy until the event has arrived.)"""
+    import trio
+
+    from conftest import running_coordinator
+    from procutil import await_until
+    from uffdsnap.errors import SnapshotFailed
+
+    make_workload(shm_path, 2, data_pages=256)
+    for w in start_writers(shm_path, native=1, max_ops=4 * 256):
+        assert w.proc.wait(timeout=60) == 0  # writer 0's pages filled; it exits
+    puncher = Lifecycle(shm_path, 0, supervisor=True, on_usr2="remove")
+    plain = start_writers(shm_path, native=1, first_index=1)
+
+    async def during_copy() -> None:
+        await trio.to_thread.run_sync(puncher.remap)
+        run = coordinator.run
+        await await_until(lambda: run.failure is not None, "the remove event to fail the run")
+
+    try:
+        async with running_coordinator(shm_path, tmp_path, delegate=mode == "delegated",
+                                       hooks={"at_phase": {"copying": during_copy}}) as (
+                coordinator, _):
+            with pytest.raises(SnapshotFailed, match="MADV_REMOVE"):
+                await coordinator.snapshot(str(tmp_path / "x.img"))
+        assert_nothing_published(str(tmp_path / "x.img"))
+        assert_writers_resume(shm_path, plain)
+    finally:
+        puncher.stop(shm_path)
+        stop_writers(shm_path, plain)

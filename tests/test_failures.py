@@ -20,10 +20,12 @@ from conftest import make_workload, needs_root, start_writers, stop_writers
 from procutil import (
     assert_nothing_published,
     assert_writers_resume,
+    blocked_on_fault,
     children_agents,
     finish,
     paused_snapshot,
     wait_gone,
+    wait_until,
 )
 from uffdsnap import workload as wl
 from uffdsnap.image import verify
@@ -49,6 +51,15 @@ def writers(shm_path: str) -> Iterator[list[wl.WriterProcess]]:
     stop_writers(shm_path, ws)
 
 
+def assert_held_if_protecting(phase: str, writers: list[wl.WriterProcess]) -> None:
+    """Paused while protecting (faults are held until T), every writer is blocked on a
+    write-protect fault in the kernel: a liveness check after a kill then shows a release, not
+    writers that were never held."""
+    if phase == "protecting":
+        wait_until(lambda: all(blocked_on_fault(w.pid) for w in writers),
+                   "every writer to block on a held fault")
+
+
 @pytest.mark.parametrize("phase", PHASES)
 def test_coordinator_killed(phase: str, shm_path: str, writers: list[wl.WriterProcess],
                             tmp_path: Path) -> None:
@@ -56,6 +67,7 @@ def test_coordinator_killed(phase: str, shm_path: str, writers: list[wl.WriterPr
     proc = paused_snapshot(shm_path, out, phase)
     agents = children_agents(proc.pid)
     assert len(agents) == 4
+    assert_held_if_protecting(phase, writers)
     proc.kill()
     proc.wait()
     assert_writers_resume(shm_path, writers)
@@ -69,6 +81,7 @@ def test_agent_killed(phase: str, shm_path: str, writers: list[wl.WriterProcess]
     out = str(tmp_path / "x.img")
     proc = paused_snapshot(shm_path, out, phase)
     agents = children_agents(proc.pid)
+    assert_held_if_protecting(phase, writers)
     os.kill(agents[0], signal.SIGKILL)
     stdout, stderr = finish(proc)
     assert proc.returncode == 1, stdout
@@ -145,15 +158,16 @@ def test_agent_drops_malformed_coordinator_and_frees_writer(kind: str, shm_path:
             if msg is None:
                 fake.receive_data(conn.recv(65536))
         # the writer is now blocked on a protected page (faults go unanswered)...
-        before = wl.read_live_seqs(shm_path)[0]
+        wait_until(lambda: blocked_on_fault(writer.pid), "the writer to block on a fault")
+        frozen = wl.read_live_seqs(shm_path)[0]
         conn.sendall(fake.send(Unprotect(((0, layout.page_size),))))  # a valid one first
         conn.sendall(MALFORMED[kind])
         # ...and the agent must drop us and release it
         _, stderr = agent.communicate(timeout=30)
         assert agent.returncode != 0
         assert stderr.count("\n") == 1 and "protocol error" in stderr, stderr
-        assert wl.read_live_seqs(shm_path)[0] >= before
         assert_writers_resume(shm_path, [writer])
+        assert wl.read_live_seqs(shm_path)[0] > frozen
         conn.close()
     finally:
         if agent.poll() is None:
@@ -171,6 +185,7 @@ def test_delegated_agent_killed(phase: str, shm_path: str, writers: list[wl.Writ
     out = str(tmp_path / "x.img")
     proc = paused_snapshot(shm_path, out, phase, mode="delegated")
     agents = children_agents(proc.pid)
+    assert_held_if_protecting(phase, writers)
     os.kill(agents[0], signal.SIGKILL)
     stdout, stderr = finish(proc)
     assert proc.returncode == 1, stdout
@@ -319,3 +334,185 @@ def test_long_running_coordinator_survives_bad_peers_and_requests(
         _, stderr = coord.communicate(timeout=30)
     assert coord.returncode == 0, stderr
     assert "Traceback" not in stderr
+
+
+# ---- failures in the middle of a snapshot, from real processes (in-process coordinator) -------
+
+
+async def _snapshot_outcome(coordinator, out: str) -> str:
+    """"" if the snapshot succeeded, else its one-line reason."""
+    from uffdsnap.errors import SnapshotFailed
+
+    try:
+        await coordinator.snapshot(out)
+    except SnapshotFailed as e:
+        assert "\n" not in str(e)
+        return str(e)
+    return ""
+
+
+async def test_full_disk_fails_cleanly(shm_path: str, tmp_path: Path) -> None:
+    """The image's filesystem fills up mid-copy (a 1 MiB tmpfs for an 8 MiB object): one line
+    names it, every writer resumes, and no image, manifest or temporary file is left."""
+    import ctypes
+
+    from conftest import running_coordinator
+
+    make_workload(shm_path, 4, data_pages=512)
+    ws = start_writers(shm_path, native=4)
+    small = tmp_path / "small"
+    small.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mount(b"tmpfs", os.fsencode(small), b"tmpfs", 0, b"size=1m") == 0, \
+        os.strerror(ctypes.get_errno())
+    try:
+        async with running_coordinator(shm_path, tmp_path) as (coordinator, _):
+            why = await _snapshot_outcome(coordinator, str(small / "x.img"))
+        assert "No space left" in why or "ENOSPC" in why, why
+        assert_writers_resume(shm_path, ws)
+        assert os.listdir(small) == []
+    finally:
+        libc.umount2(os.fsencode(small), 2)
+        stop_writers(shm_path, ws)
+
+
+async def test_enlisting_after_t_refuses_the_snapshot(shm_path: str, tmp_path: Path) -> None:
+    """A workload that enlists after T could have written unsaved pages untracked before: the
+    snapshot is refused, naming it, and every writer resumes."""
+    import trio
+
+    from conftest import running_coordinator
+
+    make_workload(shm_path, 3, data_pages=256)
+    ws = start_writers(shm_path, native=2)
+    late: list[wl.WriterProcess] = []
+    async with running_coordinator(shm_path, tmp_path) as (coordinator, sock):
+        async def during_copy() -> None:
+            late.extend(await trio.to_thread.run_sync(
+                lambda: start_writers(shm_path, native=0, enlisted=1, first_index=2,
+                                      enlist=sock)))
+
+        coordinator._hooks["at_phase"] = {"copying": during_copy}
+        try:
+            why = await _snapshot_outcome(coordinator, str(tmp_path / "x.img"))
+            assert "after T" in why and str(late[0].pid) in why, why
+            assert_nothing_published(str(tmp_path / "x.img"))
+            assert_writers_resume(shm_path, ws + late)
+        finally:
+            await trio.to_thread.run_sync(stop_writers, shm_path, ws + late)
+
+
+async def test_protect_timeout_bounds_a_silent_agent(shm_path: str, tmp_path: Path) -> None:
+    """An agent that never protects (held by a test hook) while the others have: their writers
+    wait on held faults only until the protect timeout, then the snapshot fails naming the
+    silent one and every writer resumes."""
+    import trio
+
+    from conftest import running_coordinator
+    from procutil import await_until
+
+    make_workload(shm_path, 3, data_pages=256)
+    ws = start_writers(shm_path, native=3)
+    fifo = tmp_path / "hold.fifo"
+    os.mkfifo(fifo)
+    silent = ws[2]
+    hooks = {"agent": {"hold_protect": {"pid": silent.pid, "fifo": str(fifo)}}}
+    try:
+        async with running_coordinator(shm_path, tmp_path, hooks=hooks,
+                                       protect_timeout=2.0) as (coordinator, _):
+            reasons: list[str] = []
+
+            async def take() -> None:
+                reasons.append(await _snapshot_outcome(coordinator, str(tmp_path / "x.img")))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take)
+                from test_controls import read_fifo_line
+
+                line = await trio.to_thread.run_sync(read_fifo_line, fifo)
+                held = int(line.split("agent=")[1].split()[0])
+                await await_until(lambda: all(blocked_on_fault(w.pid) for w in ws[:2]),
+                                  "the protected writers to block on held faults")
+                await await_until(lambda: coordinator.run is None or
+                                  coordinator.run.failure is not None, "the protect timeout")
+                os.kill(held, signal.SIGUSR1)  # let the held agent go, so it can release
+        assert "did not protect within 2 s" in reasons[0] and str(silent.pid) in reasons[0]
+        assert_writers_resume(shm_path, ws)
+    finally:
+        stop_writers(shm_path, ws)
+
+
+async def test_garbage_while_writers_are_protected(shm_path: str, tmp_path: Path) -> None:
+    """While every writer is protected (held in the copy), fake agents and clients connect and
+    send malformed frames: each is dropped, and the snapshot goes on to one instant."""
+    import trio
+
+    from conftest import running_coordinator
+
+    make_workload(shm_path, 3, data_pages=256)
+    ws = start_writers(shm_path, native=3)
+    try:
+        async with running_coordinator(shm_path, tmp_path) as (coordinator, sock):
+            def garbage() -> None:
+                for frame in MALFORMED.values():
+                    for role in (Role.AGENT, Role.CLIENT):
+                        with _talk(sock, role, frame) as s:
+                            s.settimeout(10)
+                            while s.recv(65536):  # until the coordinator hangs up
+                                pass
+
+            async def during_copy() -> None:
+                await trio.to_thread.run_sync(garbage)
+
+            coordinator._hooks["at_phase"] = {"copying": during_copy}
+            out = str(tmp_path / "x.img")
+            assert await _snapshot_outcome(coordinator, out) == ""
+        assert wl.check_file(out).ok and verify(out).ok
+    finally:
+        stop_writers(shm_path, ws)
+
+
+def _attach_target(agent: int) -> int | None:
+    """The pid an `uffdsnap agent --attach PID` process was started for."""
+    with open(f"/proc/{agent}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    return int(argv[argv.index("--attach") + 1]) if "--attach" in argv else None
+
+
+async def test_stopped_agent(shm_path: str, tmp_path: Path) -> None:
+    """An attach agent stopped (SIGSTOP) mid-copy: the other processes' faults are still served
+    (they run whole passes meanwhile); the snapshot fails, naming it, and ends with the stopped
+    agent killed, which releases its writer too: every writer resumes."""
+    import trio
+
+    from conftest import running_coordinator
+    from procutil import await_until
+
+    make_workload(shm_path, 3, data_pages=256)
+    ws = start_writers(shm_path, native=3)
+    stopped: list[int] = []
+    try:
+        async with running_coordinator(shm_path, tmp_path) as (coordinator, _):
+            async def during_copy() -> None:
+                [agent] = [a for a in children_agents(os.getpid())
+                           if _attach_target(a) == ws[0].pid]
+                os.kill(agent, signal.SIGSTOP)
+                stopped.append(agent)
+                base = wl.read_live_seqs(shm_path)
+                await await_until(lambda: all(wl.read_live_seqs(shm_path)[i] >= base[i] + 512
+                                              for i in (1, 2)),
+                                  "the other writers to keep being served")
+
+            coordinator._hooks["at_phase"] = {"copying": during_copy}
+            with trio.fail_after(60):
+                why = await _snapshot_outcome(coordinator, str(tmp_path / "x.img"))
+        assert why and str(ws[0].pid) in why, why
+        assert_writers_resume(shm_path, ws)
+        wait_gone(stopped)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        stop_writers(shm_path, ws)

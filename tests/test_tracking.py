@@ -27,11 +27,13 @@ import trio
 
 from conftest import (
     HUGE_PAGE,
+    SPAWNED,
     make_workload,
     needs_root,
     running_coordinator,
     spawn_writers,
 )
+from procutil import await_until
 from uffdsnap import devbuild
 from uffdsnap import workload as wl
 from uffdsnap.coordinator import Coordinator
@@ -302,9 +304,10 @@ async def test_holes_first_written_during_the_copy(kind: str, tmp_path: Path,
                                                    request: pytest.FixtureRequest) -> None:
     """Pages nobody had written at T have no page and no PTE; they are protected all the same
     (PTE markers), so a writer that fills one before the copy reaches it waits until it is
-    saved, as zero. Slow writers on many pages leave most of them holes at T, and the copy is
-    slow enough (for huge pages, slowed by a test hook; protection is unchanged) that writers
-    fill dozens of them while it runs; any one written untracked would break the image."""
+    saved, as zero. Slow writers on many pages leave most of them holes at T; the copy is held
+    at its start (a test hook; protection is unchanged) until every writer has filled a few
+    (each of those a fault), and for huge pages it is slowed too, so that writers also fill
+    holes while it runs; any one written untracked would break the image."""
     if kind == "hugetlb":
         # 52 pages of 2 MiB (16 per writer; its first 16 steps fill each once); the copy takes
         # over 2.6 s (52 chunks), in which each writer makes ~8 steps
@@ -328,7 +331,15 @@ async def test_holes_first_written_during_the_copy(kind: str, tmp_path: Path,
         else:
             writers = [server.process]
             pids = [server.pid, *server.workers]
-        hooks = {"scan_delay_s": delay} if delay else {}
+        async def during_copy() -> None:  # every writer fills new pages (holes at T)
+            base = wl.read_live_seqs(obj)
+            await await_until(lambda: all(s >= b + 3 for s, b in zip(wl.read_live_seqs(obj),
+                                                                        base, strict=True)),
+                              "every writer to take 3 steps in the copy")
+
+        hooks: dict[str, Any] = {"at_phase": {"copying": during_copy}}
+        if delay:
+            hooks["scan_delay_s"] = delay
         async with running_coordinator(obj, tmp_path, hooks=hooks) as (coordinator, _sock):
             before = wl.read_live_seqs(obj)
             summary = await coordinator.snapshot(out)
@@ -400,6 +411,34 @@ async def test_threads_outliving_their_main_thread(shm_path: str, tmp_path: Path
 
 
 # --- 4. several and partial mappings ---------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+async def test_thousands_of_mappings_in_one_process(mode: str, shm_path: str,
+                                                    tmp_path: Path) -> None:
+    """A writer whose every page of the object is a mapping of its own (over 8000 in one
+    process, beyond what one message could once list) and a plain writer: every mapping is
+    registered, protected, reported and translated, and the image is one instant."""
+    make_workload(shm_path, 2, data_pages=8192)
+    frag = subprocess.Popen([str(devbuild.build("fragments")), "--object", shm_path, "--index",
+                             "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    SPAWNED.append(frag)
+    writers = [wl.WriterProcess(frag, 0, "c")]
+    try:
+        writers[0].wait_ready()
+        mappings = int(writers[0].ready_line.split("mappings=")[1])
+        assert mappings > 8192
+        writers += spawn(shm_path, [(1, {})])
+        async with running_coordinator(shm_path, tmp_path,
+                                       delegate=mode == "delegated") as (coordinator, _sock):
+            before = wl.read_live_seqs(shm_path)
+            out = str(tmp_path / "frag.img")
+            summary = await coordinator.snapshot(out)
+            await check_image(shm_path, out, before)
+        [fragmented] = [p for p in summary["processes"] if p["pid"] == frag.pid]
+        assert fragmented["mappings"] == mappings
+    finally:
+        stop(shm_path, writers)
+
 
 async def test_multi_mapping_writers_repeated(shm_path: str, tmp_path: Path) -> None:
     """Writers that map the object twice, partially, both, one of them per thread (each thread

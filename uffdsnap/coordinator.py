@@ -40,6 +40,7 @@ from uffdsnap.kernel.procmaps import (
     Mapping,
     SharedObject,
     find_mappers,
+    mappings_of,
     parent_pid,
     process_comm,
     process_running,
@@ -345,9 +346,16 @@ class Coordinator:
         if run.phase == "protecting":
             run.peers.append(peer)
             peer.outbox.send_nowait(Protect(run.id))  # a fresh outbox has room
-        else:
+        elif self._maps_object_writable(peer.pid):
             run.fail(f"process {peer.pid} ({peer.comm}) joined after T: its earlier writes "
                      "were not tracked")
+        # (one that does not map the object cannot have written it: it joins the next one)
+
+    def _maps_object_writable(self, pid: int) -> bool:
+        try:
+            return any(m.writable for m in mappings_of(pid, self.obj.object_id))
+        except OSError:
+            return False  # gone, or hidden from us: then it is no mapper we could track
 
     def _lost(self, peer: Peer, why: str) -> None:
         """A peer's connection ended. Fatal to a running snapshot unless its process is gone."""
