@@ -25,7 +25,15 @@ from uffdsnap.kernel import snapcore
 from uffdsnap.kernel import uffd as K
 from uffdsnap.kernel._libc import KernelError
 from uffdsnap.kernel.pidfd import pidfd_open
-from uffdsnap.kernel.procmaps import Mapping, ObjectId, mappings_of, process_comm, start_ticks
+from uffdsnap.kernel.procmaps import (
+    Mapping,
+    ObjectId,
+    mappings_of,
+    process_comm,
+    process_running,
+    start_ticks,
+    wp_registered_ranges,
+)
 from uffdsnap.kernel.snapcore import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
 from uffdsnap.protocol import (
     MAX_TEXTS,
@@ -240,6 +248,8 @@ class Agent:
         try:
             while True:
                 msg = await chan.receive()
+                if self.ended or chan.conn.state.value == "closed":
+                    return  # we are leaving (gone): what the coordinator had in flight is moot
                 if isinstance(msg, Protect):
                     await self._test_hold_protect()
                     self.log.reset()
@@ -314,18 +324,20 @@ class Agent:
         by_pid = {t.pid: t for t in self.trackers if t.pid is not None}
         for pid in sorted({self.pid, *by_pid}):
             tracker = by_pid.get(pid)
-            if tracker is not None and tracker.address_space_gone():
-                tracker = None  # exec'd: whatever it maps now is not protected by us
             try:
                 maps = [m for m in mappings_of(pid, self.object_id) if m.writable]
+                in_kernel = wp_registered_ranges(pid) if maps else []
             except (ProcessLookupError, OSError):
                 continue  # gone: nothing of it can write any more
-            why = ("a mapping that grew or appeared during the snapshot" if tracker
-                   else "its tracking was lost (exec?)")
+            # ours: inside what we registered, and registered as the kernel sees it (after an
+            # exec, or munmap+mmap at the same address, our table matches and the kernel's not)
             found += [f"pid {pid} maps the object at {m.start:#x}-{m.end:#x} (offset "
-                      f"{m.offset:#x}) writable without write-protection: {why}"
+                      f"{m.offset:#x}) writable without write-protection ("
+                      + ("its tracking was lost" if tracker is None else
+                         "a mapping that grew, or appeared after an exec or mmap") + ")"
                       for m in maps
-                      if tracker is None or not covered(m.start, m.end, tracker.registered)]
+                      if tracker is None or not covered(m.start, m.end, tracker.registered)
+                      or not covered(m.start, m.end, in_kernel)]
         return found
 
     async def _test_hold_protect(self) -> None:
@@ -572,12 +584,17 @@ class Agent:
     async def _watch_exit(self, tracker: Tracker) -> None:
         if tracker.pidfd < 0:
             return
+        pid = tracker.pid
         try:
             await trio.lowlevel.wait_readable(tracker.pidfd)
         except trio.ClosedResourceError:
-            pass  # dropped meanwhile (its address space was found gone): the same end
+            # dropped meanwhile: its address space is gone. If the process lives on, it exec'd:
+            # stay (drop() told the coordinator it is no longer tracked; our audit at release
+            # reports it if the new program maps the object)
+            if pid is not None and process_running(pid):
+                return
         self.drop(tracker)
-        if not self.trackers:
+        if not self.trackers and not (pid != self.pid and process_running(self.pid)):
             await self._send(Gone("process exited"))
             self._end("process exited")
         else:

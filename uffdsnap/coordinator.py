@@ -727,14 +727,16 @@ class Coordinator:
             if run.failure:
                 raise SnapshotFailed(run.failure)
             t_copied = monotonic_ns()
-            self._check_no_untracked_writers(run, "after the copy")
-            if run.failure:
-                raise SnapshotFailed(run.failure)
         finally:
             with trio.CancelScope(shield=True):
                 await self._release_all(run)
                 await self._dismiss_attached()
+        # Both checks after every agent has released: by then each has reported what it saw
+        # during the copy (exits, execs, escapes), so nothing it knows can still be in flight.
         self._check_release_audits(run)
+        self._check_no_untracked_writers(run, "during the snapshot")
+        if run.failure:
+            raise SnapshotFailed(run.failure)
         return self._summary(run, t_start, t_mono, t_wall, t_copied)
 
     def _check_release_audits(self, run: Run) -> None:

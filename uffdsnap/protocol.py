@@ -473,6 +473,7 @@ class Connection:
         self.state = State.AWAIT_HELLO  # both ends: AWAIT_WELCOME once the Hello has passed
         self.geometry: ObjectGeometry | None = None
         self._buffer = bytearray()
+        self._closed_by_us = False  # we sent abort/gone: what the peer had in flight is moot
 
     # -- sending --
     def send(self, msg: Message) -> bytes:
@@ -539,7 +540,11 @@ class Connection:
         return msg
 
     def _next(self, sender: Role, msg: Message, error: type[ProtocolError]) -> State:
+        if self.state == State.CLOSED and sender != self.our_role and self._closed_by_us:
+            return State.CLOSED  # sent before the peer saw our goodbye: in flight, ignored
         nxt = TRANSITIONS.get((sender, msg.TYPE, self.state))
+        if nxt == State.CLOSED and sender == self.our_role:
+            self._closed_by_us = True
         if nxt is None:
             raise error(f"{sender.value} may not send {msg.TYPE} in state {self.state.value}")
         return nxt

@@ -167,18 +167,6 @@ class Tracker:
                          for m in self.mappings
                          if m.writable and not covered(m.start, m.end, self.registered)]
 
-    def address_space_gone(self) -> bool:
-        """Whether the address space this uffd serves is gone (the process exited or exec'd:
-        its pid may live on in a new image this uffd knows nothing of)."""
-        spans = self.registered or [(m.start, m.end) for m in self.mappings]
-        if not spans:
-            return False
-        try:
-            K.wake(self.uffd, spans[0][0], self.page_size)  # harmless: nothing waits there
-        except KernelError as e:
-            return e.errno in GONE
-        return False
-
     def offset_of(self, address: int) -> int | None:
         """Page-aligned object offset of a faulting address, None if outside every mapping."""
         for m in self.mappings:

@@ -121,6 +121,38 @@ def _live_thread_maps(pid: int) -> str:
     return ""
 
 
+def wp_registered_ranges(pid: int) -> list[tuple[int, int]]:
+    """(start, end) of every mapping of `pid` registered with a userfaultfd in write-protect
+    mode, as the kernel says (the `uw` flag in /proc/PID/smaps). A mapping made anew, or an
+    address space replaced by exec, has no such flag whatever our own tables say."""
+    out: list[tuple[int, int]] = []
+    for path in (f"/proc/{pid}/smaps", *_task_files(pid, "smaps")):
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue
+        if not text:
+            continue  # a zombie leader's view: try a live thread's
+        span = (0, 0)
+        for line in text.splitlines():
+            if line.startswith("VmFlags:"):
+                if "uw" in line.split()[1:]:
+                    out.append(span)
+            elif not line[:1].isupper() and "-" in line.split(" ", 1)[0]:
+                start, end = line.split(" ", 1)[0].split("-")
+                span = (int(start, 16), int(end, 16))
+        return out
+    raise ProcessLookupError(pid)
+
+
+def _task_files(pid: int, name: str) -> list[str]:
+    try:
+        return [f"/proc/{pid}/task/{tid}/{name}" for tid in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
 def mappings_of(pid: int, obj: ObjectId) -> list[Mapping]:
     """Shared mappings of `obj` in process `pid` (private mappings never write to the object)."""
     return [m for m in read_maps(pid) if m.object_id == obj and m.shared]
