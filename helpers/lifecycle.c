@@ -5,7 +5,9 @@
  * usage: lifecycle --object PATH --index I [--child-index J] [--supervisor] [--on-usr2 MODE]
  *   SIGUSR1: fork(); the child becomes writer J (on the inherited mapping) and writes too.
  *   --supervisor: this process maps the object writable but does not write (a pre-forking
- *   server's master): it only forks writer J on SIGUSR1, so it can fork at any moment.
+ *   server's master): it only forks writer J on SIGUSR1, so it can fork at any moment. After a
+ *   SIGUSR2 that leaves it a mapping (move, grow*, replace, exec) it starts writing as writer I,
+ *   through that mapping only.
  *   SIGUSR2, by MODE:
  *     move (default): mremap() the whole mapping to a new address, carry on writing through it;
  *     grow: mremap() it to a new address and a larger size, taking in the object's pages past
@@ -154,7 +156,14 @@ int main(int argc, char **argv)
         }
         if (want_remap && !strcmp(mode, "exec")) {
             fflush(stdout);
-            execv("/proc/self/exe", argv); /* the same writer resumes from its counter page */
+            char **again = calloc((size_t)argc + 1, sizeof *again);
+            int n = 0;
+            for (int i = 0; again && i < argc; i++) /* the new image writes (a supervisor's too) */
+                if (strcmp(argv[i], "--supervisor"))
+                    again[n++] = argv[i];
+            if (!again)
+                die("calloc");
+            execv("/proc/self/exe", again); /* the same writer resumes from its counter page */
             die("execv");
         }
         if (want_remap && !strcmp(mode, "unmap")) {
@@ -204,6 +213,7 @@ int main(int argc, char **argv)
                 die("mremap");
             if (size > lay.size)
                 grown = (volatile uint64_t *)((char *)moved + lay.size);
+            supervisor = 0; /* from now on it writes, through this mapping only */
             printf("remapped from=%p to=%p\n", (void *)all, moved);
             fflush(stdout);
             all = moved;

@@ -242,15 +242,16 @@ EXTRA_PAGES = 4  # object pages past the workload: the "grow" modes take them in
 async def test_new_unprotected_mappings_refuse_the_snapshot(how: str, bug: str | None, mode: str,
                                                             shm_path: str,
                                                             tmp_path: Path) -> None:
-    """A tracked writer gets a mapping of the object that was never protected, during the copy,
-    and writes through it: an mremap that grows the mapping in place (the kernel raises no
-    event) or moves and grows it (writes may land in the new part before the agent protects
-    it), munmap+mmap, or exec of a program that maps the object again. Writes through it are
-    invisible, so the snapshot is refused (each agent audits its mappings before releasing).
-    Controls: without the audit the image is published, and is not the state at T."""
+    """A tracked process (mapping the object, not yet writing) gets a mapping of the object that
+    was never protected, during the copy, and from then on writes through it alone: an mremap
+    that grows the mapping in place (the kernel raises no event) or moves and grows it (writes
+    may land in the new part before the agent protects it), munmap+mmap, or exec of a program
+    that maps the object again. Writes through it are invisible, so the snapshot is refused
+    (each agent audits its mappings before releasing). Controls: without the audit the image is
+    published, and is not the state at T."""
     layout = make_workload(shm_path, 2, D)
     os.truncate(shm_path, layout.size + EXTRA_PAGES * layout.page_size)
-    writer = Lifecycle(shm_path, 0, on_usr2=how)
+    writer = Lifecycle(shm_path, 0, supervisor=True, on_usr2=how)
     plain = start_writers(shm_path, native=1, first_index=1)
 
     async def during_copy() -> None:
