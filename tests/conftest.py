@@ -15,8 +15,8 @@ import trio
 
 from uffdsnap import workload as wl
 from uffdsnap.coordinator import Coordinator
-from uffdsnap.kernel.procmaps import open_object
-from uffdsnap.orchestrate import listen
+from uffdsnap.hosted import listen
+from uffdsnap.procfs import open_object
 
 ROOT = os.geteuid() == 0
 # Every process the tests start directly: whatever a failing test leaves running is killed at

@@ -186,7 +186,7 @@ class Lifecycle:
     def __init__(self, path: str, index: int, child_index: int = -1, supervisor: bool = False,
                  on_usr2: str = "move"):
         from conftest import SPAWNED
-        from uffdsnap import devbuild
+        from uffdsnap.testing import build as devbuild
 
         argv = [str(devbuild.build("lifecycle")), "--object", path, "--index", str(index),
                 "--child-index", str(child_index), "--on-usr2", on_usr2]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from uffdsnap.commands.doctor import _ASCII_MARKS, render
-from uffdsnap.diagnose import ATTACH, INFO, REQUIRED, USEFUL, Check, Diagnosis, Route
+from uffdsnap.cli.commands.doctor import _ASCII_MARKS, render
+from uffdsnap.doctor import ATTACH, INFO, REQUIRED, USEFUL, Check, Diagnosis, Route
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root: on this machine only root can "

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from uffdsnap.kernel import inject, uffd
-from uffdsnap.kernel._libc import KernelError
-from uffdsnap.kernel.inject import (
+from uffdsnap import inject
+from uffdsnap.inject import (
     SECCOMP_RET_ALLOW,
     SECCOMP_RET_ERRNO,
     SECCOMP_RET_KILL_PROCESS,
@@ -36,6 +35,8 @@ from uffdsnap.kernel.inject import (
     injected,
     seccomp_verdict,
 )
+from uffdsnap.native import uffd
+from uffdsnap.native.libc import KernelError
 
 SYS_GETTID = 186
 NOBODY = 65534
@@ -603,7 +604,7 @@ def test_unstoppable_target_times_out_then_is_released_when_it_can_stop(vfork_wa
 # the target, all still there: the worst moment to die), "in-call" (inside an injected nanosleep).
 AGENT = r"""
 import os, struct, sys
-from uffdsnap.kernel.inject import SYS_NANOSLEEP, SYS_USERFAULTFD, injected
+from uffdsnap.inject import SYS_NANOSLEEP, SYS_USERFAULTFD, injected
 pid, point = int(sys.argv[1]), sys.argv[2]
 with injected(pid) as t:
     if point != "stopped":

@@ -1,4 +1,4 @@
-"""uffdsnap.kernel.uffd against the real kernel, across processes, the way agents use it.
+"""uffdsnap.native.uffd against the real kernel, across processes, the way agents use it.
 
 A writer process (A) maps a memfd shared, creates its own uffd and hands it to the test process
 (B) over SCM_RIGHTS, keeping no copy. B registers and write-protects A's mapping through that fd
@@ -23,10 +23,10 @@ from types import TracebackType
 
 import pytest
 
-from uffdsnap.kernel import scm
-from uffdsnap.kernel import uffd as uf
-from uffdsnap.kernel._libc import KernelError
-from uffdsnap.kernel.procmaps import read_maps
+from uffdsnap.native import scm
+from uffdsnap.native import uffd as uf
+from uffdsnap.native.libc import KernelError
+from uffdsnap.procfs import read_maps
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NPAGES = 8

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from uffdsnap.kernel.procmaps import (
+from uffdsnap.procfs import (
     HUGETLBFS_MAGIC,
     TMPFS_MAGIC,
     Mapping,

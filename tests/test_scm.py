@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from uffdsnap.kernel import scm
+from uffdsnap.native import scm
 
 
 def _open_fds() -> set[int]:

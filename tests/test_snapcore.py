@@ -1,4 +1,4 @@
-"""The native core (uffdsnap/native/src/snapcore.c via uffdsnap.kernel.snapcore) against the
+"""The native core (uffdsnap/native/src/snapcore.c via uffdsnap.native.core) against the
 real kernel.
 
 A separate writer process (test_kernel_uffd's process A) maps a memfd and hands us its uffd; the
@@ -19,8 +19,8 @@ import pytest
 from test_kernel_uffd import PAGE, QUIET, SIZE, TIMEOUT, Writer, needs_root
 
 from uffdsnap import protocol
-from uffdsnap.kernel import uffd as K
-from uffdsnap.kernel.snapcore import SC_FAILED, SnapCore
+from uffdsnap.native import uffd as K
+from uffdsnap.native.core import SC_FAILED, SnapCore
 
 
 def _str(s: str) -> bytes:
@@ -281,7 +281,7 @@ def test_a_core_of_another_abi_is_refused_in_one_line() -> None:
     """A stale or foreign library (other ABI version, other struct sizes) fails at load with
     one line, instead of being called with the wrong layout."""
     from uffdsnap.errors import UserError
-    from uffdsnap.kernel import snapcore
+    from uffdsnap.native import core as snapcore
 
     class Foreign:
         @staticmethod

@@ -196,7 +196,7 @@ async def test_long_running_coordinator_via_cli(shm_path: str, tmp_path: Path) -
 async def test_both_modes_give_the_same_bytes(shm_path: str, tmp_path: Path) -> None:
     """For a frozen object (processes map it writable, so agents attach and protect, but none
     writes), agents mode and delegated mode produce identical images, equal to the object."""
-    from uffdsnap import devbuild
+    from uffdsnap.testing import build as devbuild
 
     make_workload(shm_path, 4, data_pages=256)
     for w in start_writers(shm_path, native=4, max_ops=3000):

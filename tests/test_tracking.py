@@ -34,10 +34,10 @@ from conftest import (
     spawn_writers,
 )
 from procutil import await_until
-from uffdsnap import devbuild
 from uffdsnap import workload as wl
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.image import load_manifest, manifest_path, verify
+from uffdsnap.testing import build as devbuild
 
 pytestmark = needs_root
 

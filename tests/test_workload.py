@@ -24,9 +24,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from uffdsnap import devbuild, native
+from uffdsnap import native
 from uffdsnap import workload as wl
 from uffdsnap.errors import UserError
+from uffdsnap.testing import build as devbuild
 
 PS = 4096
 D = 64

@@ -12,7 +12,7 @@ from collections import deque
 
 import trio
 
-from uffdsnap.kernel import scm
+from uffdsnap.native import scm
 from uffdsnap.protocol import Connection, Message, RemoteProtocolError, Role
 
 _READ_SIZE = 256 << 10

@@ -18,15 +18,15 @@ import trio
 
 from uffdsnap import native
 from uffdsnap import workload as wl
+from uffdsnap.cli.summary import ns_text, size_text
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.groups import unwrap_group
+from uffdsnap.hosted import listen
 from uffdsnap.image import verify
-from uffdsnap.kernel._libc import KernelError
-from uffdsnap.kernel.procmaps import open_object
-from uffdsnap.kernel.uffd import create_uffd
-from uffdsnap.orchestrate import listen
-from uffdsnap.summary import ns_text, size_text
+from uffdsnap.native.libc import KernelError
+from uffdsnap.native.uffd import create_uffd
+from uffdsnap.procfs import open_object
 
 NATIVE_WRITERS = 4
 ENLISTED_WRITERS = 2

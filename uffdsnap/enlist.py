@@ -21,8 +21,8 @@ from types import TracebackType
 
 from uffdsnap import testhooks
 from uffdsnap.errors import UserError
-from uffdsnap.kernel import scm
-from uffdsnap.kernel.uffd import create_uffd
+from uffdsnap.native import scm
+from uffdsnap.native.uffd import create_uffd
 
 ENLIST_TIMEOUT_S = 30.0
 

@@ -23,10 +23,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from uffdsnap import devbuild
 from uffdsnap.bench.config import HUGE_PAGE
 from uffdsnap.bench.writerlog import Fleet, read_log
 from uffdsnap.errors import UserError
+from uffdsnap.testing import build as devbuild
 
 COPY_CHUNK = 1 << 20
 READY_TIMEOUT_S = 60.0

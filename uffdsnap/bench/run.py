@@ -9,15 +9,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from uffdsnap import devbuild
 from uffdsnap.bench import plots
 from uffdsnap.bench.config import BenchConfig, plan
 from uffdsnap.bench.procs import BenchError
 from uffdsnap.bench.report import scenarios, table
 from uffdsnap.bench.scenarios import run_all
 from uffdsnap.errors import UserError
-from uffdsnap.kernel._libc import KernelError
-from uffdsnap.kernel.uffd import create_uffd
+from uffdsnap.native.libc import KernelError
+from uffdsnap.native.uffd import create_uffd
+from uffdsnap.testing import build as devbuild
 
 
 def preflight(cfg: BenchConfig) -> str:

@@ -3,7 +3,7 @@ the clock anchors and resource usage the bench needs.
 
     python -m uffdsnap.bench.snaprun --object SPEC --output OUT.img --mode agents
 
-This is `uffdsnap snapshot --shm SPEC` (uffdsnap.orchestrate.attach_and_snapshot) with the
+This is `uffdsnap snapshot --shm SPEC` (uffdsnap.hosted.attach_and_snapshot) with the
 coordinator built from the bench's mode table, so each mode in uffdsnap.bench.config.MODES runs
 through the same code. It prints one JSON object: the summary, T on CLOCK_MONOTONIC (the writers'
 clock), and getrusage of this process (the coordinator) and of its reaped children (the attach
@@ -27,8 +27,8 @@ from uffdsnap.bench.config import MODES
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.groups import unwrap_group
-from uffdsnap.kernel.procmaps import ObjectError, SharedObject, open_object
-from uffdsnap.orchestrate import listen
+from uffdsnap.hosted import listen
+from uffdsnap.procfs import ObjectError, SharedObject, open_object
 
 
 def clock_offset_ns() -> int:

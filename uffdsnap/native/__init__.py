@@ -1,6 +1,6 @@
 """The product's native parts, built into the package by the build backend (setup.py) and
 shipped in the wheel: the native core (a shared library, loaded with ctypes by
-uffdsnap.kernel.snapcore) and the demo workload's writer program. Their sources are in src/.
+uffdsnap.native.core) and the demo workload's writer program. Their sources are in src/.
 
 Nothing here compiles at run time: an installation without them is broken, and says so.
 """

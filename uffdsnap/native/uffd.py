@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from uffdsnap.kernel._libc import KernelError, ioctl, syscall
+from uffdsnap.native.libc import KernelError, ioctl, syscall
 
 SYS_USERFAULTFD = 323
 USERFAULTFD_DEVICE = "/dev/userfaultfd"

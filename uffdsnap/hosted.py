@@ -14,7 +14,7 @@ import trio
 
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.groups import unwrap_group
-from uffdsnap.kernel.procmaps import SharedObject
+from uffdsnap.procfs import SharedObject
 
 
 async def listen(path: str) -> trio.socket.SocketType:

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from uffdsnap.kernel import uffd as K
-from uffdsnap.kernel._libc import KernelError
-from uffdsnap.kernel.procmaps import Mapping, ObjectId, mappings_of
+from uffdsnap.native import uffd as K
+from uffdsnap.native.libc import KernelError
+from uffdsnap.procfs import Mapping, ObjectId, mappings_of
 
 if TYPE_CHECKING:
-    from uffdsnap.kernel.snapcore import SnapCore
+    from uffdsnap.native.core import SnapCore
 
 
 def boot_ticks() -> int:

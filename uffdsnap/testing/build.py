@@ -31,7 +31,7 @@ LIBS: tuple[str, ...] = ("-lm",)
 
 def helpers_dir() -> Path:
     """The helpers/ directory of the source tree this package was installed from (editable)."""
-    path = Path(__file__).resolve().parent.parent / "helpers"
+    path = Path(__file__).resolve().parents[2] / "helpers"
     if not path.is_dir():
         raise UserError(f"test and bench helper sources not found at {path}: they come with a "
                         "source checkout (`pip install -e .` there)")
@@ -40,7 +40,7 @@ def helpers_dir() -> Path:
 
 def product_headers_dir() -> Path:
     """The product's C headers, which helpers may include (the workload layout, util.h)."""
-    return Path(__file__).resolve().parent / "native" / "src"
+    return Path(__file__).resolve().parents[1] / "native" / "src"
 
 
 def compiler() -> str:

@@ -10,12 +10,12 @@ import signal
 import trio
 
 from uffdsnap import testhooks
-from uffdsnap.commands.snapshot import add_mode_argument, add_test_hooks_argument
+from uffdsnap.cli.commands.snapshot import add_mode_argument, add_test_hooks_argument
 from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import UserError
 from uffdsnap.groups import unwrap_group
-from uffdsnap.kernel.procmaps import ObjectError, open_object
-from uffdsnap.orchestrate import listen
+from uffdsnap.hosted import listen
+from uffdsnap.procfs import ObjectError, open_object
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -65,11 +65,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from uffdsnap.kernel import scm
-from uffdsnap.kernel import uffd as _uffd
-from uffdsnap.kernel._libc import KernelError, syscall
-from uffdsnap.kernel.pidfd import pidfd_getfd, pidfd_open
-from uffdsnap.kernel.procmaps import parse_maps
+from uffdsnap.native import scm
+from uffdsnap.native import uffd as _uffd
+from uffdsnap.native.libc import KernelError, syscall
+from uffdsnap.native.pidfd import pidfd_getfd, pidfd_open
+from uffdsnap.procfs import parse_maps
 
 # x86_64 system call numbers used here.
 SYS_READ = 0

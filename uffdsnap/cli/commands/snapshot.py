@@ -11,11 +11,11 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.channel import PeerClosed, connect
+from uffdsnap.cli.output import emit
+from uffdsnap.cli.summary import human_summary
 from uffdsnap.errors import SnapshotFailed, UserError
-from uffdsnap.kernel.procmaps import ObjectError, open_object
-from uffdsnap.output import emit
+from uffdsnap.procfs import ObjectError, open_object
 from uffdsnap.protocol import PROTOCOL_VERSION, Hello, ProtocolError, Result, Role, Snap, Welcome
-from uffdsnap.summary import human_summary
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _local(spec: str, output: str, args: argparse.Namespace, progress: Any) -> dict[str, Any]:
-    from uffdsnap.orchestrate import attach_and_snapshot
+    from uffdsnap.hosted import attach_and_snapshot
 
     try:
         obj = open_object(spec)

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import uffdsnap
-from uffdsnap.kernel import uffd as uf
-from uffdsnap.kernel._libc import KernelError
-from uffdsnap.kernel.pidfd import pidfd_getfd, pidfd_open
-from uffdsnap.kernel.procmaps import ObjectId, mappings_of
-from uffdsnap.kernel.scm import recv_fds, send_fds
+from uffdsnap.native import uffd as uf
+from uffdsnap.native.libc import KernelError
+from uffdsnap.native.pidfd import pidfd_getfd, pidfd_open
+from uffdsnap.native.scm import recv_fds, send_fds
+from uffdsnap.procfs import ObjectId, mappings_of
 
 # Check levels: what fails when a check of that level fails.
 REQUIRED = "required"  # no snapshot of any kind is possible here
@@ -282,9 +282,9 @@ _TIMEOUT_FIX = "the machine may be overloaded: retry with a larger --timeout"
 
 
 def _child_command(func: str, *args: int) -> tuple[list[str], dict[str, str]]:
-    """argv and environment to run `uffdsnap.diagnose.<func>(*args)` in a fresh interpreter that
+    """argv and environment to run `uffdsnap.doctor.<func>(*args)` in a fresh interpreter that
     finds this very copy of uffdsnap."""
-    code = f"import sys; from uffdsnap.diagnose import {func}; {func}(*map(int, sys.argv[1:]))"
+    code = f"import sys; from uffdsnap.doctor import {func}; {func}(*map(int, sys.argv[1:]))"
     root = str(Path(uffdsnap.__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -606,7 +606,7 @@ def check_native_core() -> Check:
     """The coordinator's and agents' data path is C (uffdsnap/native/src/snapcore.c), built
     into the package when it was installed."""
     from uffdsnap.errors import UserError
-    from uffdsnap.kernel import snapcore
+    from uffdsnap.native import core as snapcore
 
     try:
         snapcore.load()

@@ -1,6 +1,6 @@
 """`uffdsnap doctor`: can this machine or container take snapshots, and if not, why.
 
-Glue only: the checks live in uffdsnap.diagnose; this module prints them and picks the exit code
+Glue only: the checks live in uffdsnap.doctor; this module prints them and picks the exit code
 (0 when snapshots are possible here, 1 otherwise).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from uffdsnap.diagnose import ATTACH, INFO, REQUIRED, USEFUL, Check, Diagnosis, diagnose
-from uffdsnap.output import emit, error_line
+from uffdsnap.cli.output import emit, error_line
+from uffdsnap.doctor import ATTACH, INFO, REQUIRED, USEFUL, Check, Diagnosis, diagnose
 
 _MARKS = {"ok": "✓", "fail": "✗", "warn": "!", "info": "·", "skip": "–", "fix": "→"}
 _ASCII_MARKS = {"ok": "+", "fail": "x", "warn": "!", "info": "-", "skip": "~", "fix": "->"}

@@ -19,13 +19,15 @@ from collections.abc import Callable
 import trio
 
 from uffdsnap import testhooks
+from uffdsnap.agent.tracker import GONE, Tracker, boot_ticks, covered
 from uffdsnap.channel import Channel, PeerClosed, connect
 from uffdsnap.groups import unwrap_group
-from uffdsnap.kernel import snapcore
-from uffdsnap.kernel import uffd as K
-from uffdsnap.kernel._libc import KernelError
-from uffdsnap.kernel.pidfd import pidfd_open
-from uffdsnap.kernel.procmaps import (
+from uffdsnap.native import core as snapcore
+from uffdsnap.native import uffd as K
+from uffdsnap.native.core import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
+from uffdsnap.native.libc import KernelError
+from uffdsnap.native.pidfd import pidfd_open
+from uffdsnap.procfs import (
     Mapping,
     ObjectId,
     mappings_of,
@@ -34,7 +36,6 @@ from uffdsnap.kernel.procmaps import (
     start_ticks,
     wp_registered_ranges,
 )
-from uffdsnap.kernel.snapcore import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
 from uffdsnap.protocol import (
     MAX_TEXTS,
     PROTOCOL_VERSION,
@@ -58,7 +59,6 @@ from uffdsnap.protocol import (
     Welcome,
 )
 from uffdsnap.stats import LatencyHistogram, monotonic_ns
-from uffdsnap.tracker import GONE, Tracker, boot_ticks, covered
 
 JOIN_TIMEOUT_S = 30.0
 # Features asked of the kernel for a snapshot uffd (those it lacks are simply not requested,

@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from uffdsnap.cli.output import emit
 from uffdsnap.image import info
-from uffdsnap.output import emit
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from uffdsnap.errors import UserError
-from uffdsnap.kernel._libc import KernelError
+from uffdsnap.native.libc import KernelError
 
 SC_EVENT, SC_GONE, SC_FAILED = 1, 2, 3
 _u64 = ctypes.c_uint64

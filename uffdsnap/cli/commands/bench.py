@@ -10,8 +10,8 @@ import sys
 from typing import Any
 
 from uffdsnap.bench.config import KINDS, MODES, BenchConfig, parse_size
+from uffdsnap.cli.output import emit
 from uffdsnap.errors import UserError
-from uffdsnap.output import emit
 
 DEFAULT_OUT = "uffdsnap-bench-results"
 

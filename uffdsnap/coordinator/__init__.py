@@ -27,16 +27,20 @@ from typing import Any
 import trio
 
 from uffdsnap import testhooks
-from uffdsnap.attacher import Attacher
+from uffdsnap.agent.tracker import GONE, Tracker
 from uffdsnap.channel import Channel, PeerClosed
+from uffdsnap.coordinator.attach import Attacher
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.groups import unwrap_group
 from uffdsnap.image import ImageWriter, extent_checksum
-from uffdsnap.kernel import snapcore as snapcore_module
-from uffdsnap.kernel import uffd as K
-from uffdsnap.kernel._libc import KernelError
-from uffdsnap.kernel.pidfd import pidfd_open, process_alive
-from uffdsnap.kernel.procmaps import (
+from uffdsnap.native import core as snapcore_module
+from uffdsnap.native import uffd as K
+from uffdsnap.native.core import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
+from uffdsnap.native.core import load as load_snapcore
+from uffdsnap.native.libc import KernelError
+from uffdsnap.native.pidfd import pidfd_open, process_alive
+from uffdsnap.native.scm import is_unix_stream
+from uffdsnap.procfs import (
     Mapping,
     SharedObject,
     find_mappers,
@@ -45,9 +49,6 @@ from uffdsnap.kernel.procmaps import (
     process_comm,
     process_running,
 )
-from uffdsnap.kernel.scm import is_unix_stream
-from uffdsnap.kernel.snapcore import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
-from uffdsnap.kernel.snapcore import load as load_snapcore
 from uffdsnap.protocol import (
     MAX_RANGES,
     PROTOCOL_VERSION,
@@ -73,7 +74,6 @@ from uffdsnap.protocol import (
     Welcome,
 )
 from uffdsnap.stats import LatencyHistogram, monotonic_ns
-from uffdsnap.tracker import GONE, Tracker
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.errors import SnapshotFailed
-from uffdsnap.kernel.procmaps import process_running
+from uffdsnap.procfs import process_running
 
 AGENT_EXIT_TIMEOUT_S = 10.0
 

@@ -12,7 +12,7 @@ import trio
 from uffdsnap import testhooks
 from uffdsnap.agent import run_agent
 from uffdsnap.errors import UserError
-from uffdsnap.kernel import scm
+from uffdsnap.native import scm
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _attach(coordinator: str, pid: int, hooks: testhooks.Hooks) -> int:
-    from uffdsnap.kernel.inject import create_uffd_in
+    from uffdsnap.inject import create_uffd_in
 
     if pid <= 0:
         raise UserError(f"--attach: {pid} is not a process id")

@@ -14,7 +14,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from uffdsnap.kernel._libc import KernelError, libc
+from uffdsnap.native.libc import KernelError, libc
 
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6

@@ -13,24 +13,25 @@ import logging
 import sys
 from typing import NoReturn
 
+from uffdsnap.cli.output import error_line
 from uffdsnap.errors import ProtocolError, SnapshotFailed, UserError
 from uffdsnap.groups import principal
-from uffdsnap.output import error_line
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "doctor": ("uffdsnap.commands.doctor",
+    "doctor": ("uffdsnap.cli.commands.doctor",
                "check whether this machine can take snapshots, and why not"),
-    "snapshot": ("uffdsnap.commands.snapshot",
+    "snapshot": ("uffdsnap.cli.commands.snapshot",
                  "take one consistent snapshot of live shared memory"),
-    "coordinator": ("uffdsnap.commands.coordinator",
+    "coordinator": ("uffdsnap.cli.commands.coordinator",
                     "run a long-lived coordinator that enlisting workloads join"),
-    "agent": ("uffdsnap.commands.agent", "run the agent for one process (attach or enlist)"),
-    "verify": ("uffdsnap.commands.verify", "check an image against its manifest"),
-    "info": ("uffdsnap.commands.info", "show what an image's manifest records"),
-    "restore": ("uffdsnap.commands.restore", "write an image's bytes back to a file or object"),
-    "demo": ("uffdsnap.commands.demo", "snapshot an embedded multi-process workload, end to end"),
-    "bench": ("uffdsnap.commands.bench", "measure snapshots against the baselines"),
+    "agent": ("uffdsnap.cli.commands.agent", "run the agent for one process (attach or enlist)"),
+    "verify": ("uffdsnap.cli.commands.verify", "check an image against its manifest"),
+    "info": ("uffdsnap.cli.commands.info", "show what an image's manifest records"),
+    "restore": ("uffdsnap.cli.commands.restore", "write an image's bytes back to a file or object"),
+    "demo": ("uffdsnap.cli.commands.demo",
+             "snapshot an embedded multi-process workload, end to end"),
+    "bench": ("uffdsnap.cli.commands.bench", "measure snapshots against the baselines"),
 }
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from uffdsnap.cli.output import emit
 from uffdsnap.demo import run_demo
-from uffdsnap.output import emit
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-from uffdsnap.kernel._libc import KernelError, syscall
+from uffdsnap.native.libc import KernelError, syscall
 
 SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438

@@ -1,0 +1,1 @@
+"""What only tests and the bench use: building the test and bench helper programs (helpers/)."""
