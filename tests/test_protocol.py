@@ -245,3 +245,22 @@ def test_random_structured_messages_are_checked(kind: str, fields: dict[str, obj
     # what was accepted re-encodes to itself and lies inside the object
     assert msg is not None
     assert decode(encode(msg)[4:]) == msg
+
+
+def test_fault_channel_golden_frames() -> None:
+    """The fault channel's fixed encoding: the codec writes the golden bytes, reads them back,
+    refuses the same message in another msgpack shape, and the general decoder accepts them
+    (they are protocol messages). tests/test_snapcore.py feeds the same bytes to the C core."""
+    from uffdsnap.protocol import faultchannel as fc
+
+    fault, fault_bytes = fc.GOLDEN["fault"]
+    unprotect, unprotect_bytes = fc.GOLDEN["unprotect"]
+    assert fc.encode_fault(fault) == fault_bytes
+    assert fc.encode_unprotect(*unprotect.ranges[0]) == unprotect_bytes
+    for msg, frame in ((fault, fault_bytes), (unprotect, unprotect_bytes)):
+        assert fc.decode_frame(frame) == msg
+        assert decode(frame[4:]) == msg
+        with pytest.raises(RemoteProtocolError):
+            fc.decode_frame(encode(msg))  # same message, ordinary (smallest) integers
+    with pytest.raises(RemoteProtocolError):
+        fc.decode_frame(fault_bytes[:-1])

@@ -14,6 +14,7 @@ import select
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from test_kernel_uffd import PAGE, QUIET, SIZE, TIMEOUT, Writer, needs_root
@@ -21,23 +22,17 @@ from test_kernel_uffd import PAGE, QUIET, SIZE, TIMEOUT, Writer, needs_root
 from uffdsnap import protocol
 from uffdsnap.native import uffd as K
 from uffdsnap.native.core import SC_FAILED, SnapCore
-
-
-def _str(s: str) -> bytes:
-    return bytes([0xA0 | len(s)]) + s.encode()
+from uffdsnap.protocol import faultchannel as fc
 
 
 def fixed_frame(kind: str, **values: int | tuple[int, int]) -> bytes:
-    """A message in the fault channel's fixed encoding (docs/protocol.md): a msgpack map whose
-    integers are all uint64 (0xcf), framed like every protocol message."""
-    body = bytes([0x80 | (len(values) + 1)]) + _str("t") + _str(kind)
-    for key, v in values.items():
-        body += _str(key)
-        if isinstance(v, tuple):  # one range
-            body += b"\x91\x92" + b"".join(b"\xcf" + struct.pack(">Q", x) for x in v)
-        else:
-            body += b"\xcf" + struct.pack(">Q", v)
-    return struct.pack(">I", len(body)) + body
+    """A frame in the fault channel's fixed encoding, from the product's codec
+    (uffdsnap.protocol.faultchannel)."""
+    if kind == "fault":
+        return fc.encode_fault(protocol.Fault(values["offset"], values["tid"],  # type: ignore[arg-type]
+                                              values["seen_ns"]))  # type: ignore[arg-type]
+    offset, length = values["ranges"]  # type: ignore[misc]
+    return fc.encode_unprotect(offset, length)
 
 
 def read_frame(sock: socket.socket) -> bytes:
@@ -298,3 +293,59 @@ def test_a_core_of_another_abi_is_refused_in_one_line() -> None:
     with pytest.raises(UserError, match="ABI 0"):
         snapcore._check_abi(Unversioned(), "/x/_snapcore.so")  # type: ignore[arg-type]
     snapcore.load()  # and the one installed with the package matches
+
+
+def test_golden_frames_on_the_native_core() -> None:
+    """The golden frames of uffdsnap.protocol.faultchannel, byte for byte, through the C code
+    of both ends: the coordinator's core takes the golden fault and answers with exactly the
+    golden unprotect; an agent's core takes the golden unprotect as valid."""
+    fault, fault_bytes = fc.GOLDEN["fault"]
+    unprotect, unprotect_bytes = fc.GOLDEN["unprotect"]
+    size = 8 * PAGE
+    obj = os.memfd_create("golden", os.MFD_CLOEXEC)
+    img = os.memfd_create("golden-img", os.MFD_CLOEXEC)
+    os.ftruncate(obj, size)
+    os.ftruncate(img, size)
+    core = SnapCore(obj, img, size, PAGE)
+    ours, theirs = socket.socketpair()
+    try:
+        core.add_channel(1, theirs.fileno())
+        core.go()
+        ours.sendall(fault_bytes)
+        assert read_frame(ours) == unprotect_bytes
+        assert core.stats().fault_pages_saved == 1
+    finally:
+        core.close()
+        ours.close()
+        theirs.close()
+        os.close(obj)
+        os.close(img)
+    agent = SnapCore.for_agent(PAGE)
+    ours, theirs = socket.socketpair()
+    try:
+        agent.forward(0, theirs.fileno())
+        ours.sendall(unprotect_bytes)
+        ours.sendall(b"\0\0\0\1\xc0")  # then garbage: only that one is refused
+        assert select.select([agent.notify_fd], [], [], TIMEOUT)[0]
+        assert [(e.ident, e.kind, e.err) for e in agent.take_events()] == [
+            (0, SC_FAILED, errno.EPROTO)]
+    finally:
+        agent.close()
+        ours.close()
+        theirs.close()
+    assert fault == fc.decode_frame(fault_bytes) and unprotect == fc.decode_frame(unprotect_bytes)
+
+
+def test_abi_header_and_binding_agree() -> None:
+    """The constants the ctypes binding copies from snapcore.h are the header's."""
+    import re
+
+    from uffdsnap.native import core as binding
+
+    header = (Path(binding.__file__).parent / "src" / "snapcore.h").read_text()
+    defines = dict(re.findall(r"#define (SC_\w+) (\w+)", header))
+    assert int(defines["SC_ABI_VERSION"]) == binding.ABI_VERSION
+    assert int(defines["SC_TEST_UNPROTECT_BEFORE_SAVE"]) == binding.TEST_UNPROTECT_BEFORE_SAVE
+    kinds = dict(re.findall(r"(SC_EVENT|SC_GONE|SC_FAILED) = (\d+)", header))
+    assert {k: int(v) for k, v in kinds.items()} == {
+        "SC_EVENT": binding.SC_EVENT, "SC_GONE": binding.SC_GONE, "SC_FAILED": binding.SC_FAILED}
