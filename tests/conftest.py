@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from uffdsnap import workload as wl
 from uffdsnap.coordinator import Coordinator
-from uffdsnap.hosted import listen
+from uffdsnap.hosted import hosted
 from uffdsnap.procfs import open_object
 
 ROOT = os.geteuid() == 0
@@ -91,19 +90,14 @@ async def running_coordinator(path: str, tmp_path: Path, *, attach: bool = True,
                               ) -> AsyncIterator[tuple[Coordinator, str]]:
     """A coordinator for the object at `path`, serving on a socket in `tmp_path`, in this
     process (which never maps the object, so it is never a mapper itself)."""
-    sock = str(tmp_path / f"coord-{uuid.uuid4().hex[:8]}.sock")
     obj = open_object(path)
-    listener = await listen(sock)
-    coordinator = Coordinator(obj, attach_path=sock if attach else None,
-                              protect_timeout=protect_timeout, test_hooks=hooks or {},
-                              delegate=delegate)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(coordinator.serve, listener)
-            yield coordinator, sock
-            nursery.cancel_scope.cancel()
+        async with hosted(obj, socket_path=str(tmp_path / f"coord-{uuid.uuid4().hex[:8]}.sock"),
+                          attach=attach, protect_timeout=protect_timeout, join_timeout=30.0,
+                          delegate=delegate,
+                          test_hooks=hooks or {}) as host:
+            yield host.coordinator, host.socket_path
     finally:
-        listener.close()
         obj.close()
 
 

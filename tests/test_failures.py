@@ -232,7 +232,7 @@ async def test_passed_fd_of_the_wrong_kind_is_refused(delegate: bool, shm_path: 
             await chan.receive()  # welcome
 
             async def fake_agent() -> None:
-                msg = await chan.receive()
+                msg, _fds = await chan.receive()
                 assert isinstance(msg, Protect)
                 bad = (Delegate(1, os.getpid(), ()) if delegate else
                        FaultChannel(msg.snapshot))
@@ -340,15 +340,19 @@ def test_long_running_coordinator_survives_bad_peers_and_requests(
 
 
 async def _snapshot_outcome(coordinator, out: str) -> str:
-    """"" if the snapshot succeeded, else its one-line reason."""
+    """"" if the snapshot succeeded (its summary is kept in LAST_SUMMARY, for messages), else
+    its one-line reason."""
     from uffdsnap.errors import SnapshotFailed
 
     try:
-        await coordinator.snapshot(out)
+        LAST_SUMMARY[:] = [await coordinator.snapshot(out)]
     except SnapshotFailed as e:
         assert "\n" not in str(e)
         return str(e)
     return ""
+
+
+LAST_SUMMARY: list[dict] = []
 
 
 async def test_full_disk_fails_cleanly(shm_path: str, tmp_path: Path) -> None:
@@ -392,7 +396,7 @@ async def test_enlisting_after_t_refuses_the_snapshot(shm_path: str, tmp_path: P
                 lambda: start_writers(shm_path, native=0, enlisted=1, first_index=2,
                                       enlist=sock)))
 
-        coordinator._hooks["at_phase"] = {"copying": during_copy}
+        coordinator.test_hooks["at_phase"] = {"copying": during_copy}
         try:
             why = await _snapshot_outcome(coordinator, str(tmp_path / "x.img"))
             assert "after T" in why and str(late[0].pid) in why, why
@@ -430,6 +434,7 @@ async def test_protect_timeout_bounds_a_silent_agent(shm_path: str, tmp_path: Pa
                 from test_controls import read_fifo_line
 
                 line = await trio.to_thread.run_sync(read_fifo_line, fifo)
+                assert "agent=" in line, repr(line)
                 held = int(line.split("agent=")[1].split()[0])
                 await await_until(lambda: all(blocked_on_fault(w.pid) for w in ws[:2]),
                                   "the protected writers to block on held faults")
@@ -464,7 +469,7 @@ async def test_garbage_while_writers_are_protected(shm_path: str, tmp_path: Path
             async def during_copy() -> None:
                 await trio.to_thread.run_sync(garbage)
 
-            coordinator._hooks["at_phase"] = {"copying": during_copy}
+            coordinator.test_hooks["at_phase"] = {"copying": during_copy}
             out = str(tmp_path / "x.img")
             assert await _snapshot_outcome(coordinator, out) == ""
         assert wl.check_file(out).ok and verify(out).ok
@@ -503,10 +508,10 @@ async def test_stopped_agent(shm_path: str, tmp_path: Path) -> None:
                                               for i in (1, 2)),
                                   "the other writers to keep being served")
 
-            coordinator._hooks["at_phase"] = {"copying": during_copy}
+            coordinator.test_hooks["at_phase"] = {"copying": during_copy}
             with trio.fail_after(60):
                 why = await _snapshot_outcome(coordinator, str(tmp_path / "x.img"))
-        assert why and str(ws[0].pid) in why, why
+        assert why and str(ws[0].pid) in why, (why, stopped, ws[0].pid, LAST_SUMMARY)
         assert_writers_resume(shm_path, ws)
         wait_gone(stopped)
     finally:

@@ -346,6 +346,7 @@ def test_abi_header_and_binding_agree() -> None:
     defines = dict(re.findall(r"#define (SC_\w+) (\w+)", header))
     assert int(defines["SC_ABI_VERSION"]) == binding.ABI_VERSION
     assert int(defines["SC_TEST_UNPROTECT_BEFORE_SAVE"]) == binding.TEST_UNPROTECT_BEFORE_SAVE
-    kinds = dict(re.findall(r"(SC_EVENT|SC_GONE|SC_FAILED) = (\d+)", header))
+    kinds = dict(re.findall(r"(SC_EVENT|SC_GONE|SC_FAILED|SC_UNPROTECT) = (\d+)", header))
     assert {k: int(v) for k, v in kinds.items()} == {
-        "SC_EVENT": binding.SC_EVENT, "SC_GONE": binding.SC_GONE, "SC_FAILED": binding.SC_FAILED}
+        "SC_EVENT": binding.SC_EVENT, "SC_GONE": binding.SC_GONE, "SC_FAILED": binding.SC_FAILED,
+        "SC_UNPROTECT": binding.SC_UNPROTECT}

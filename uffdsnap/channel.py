@@ -13,9 +13,18 @@ from collections import deque
 import trio
 
 from uffdsnap.native import scm
-from uffdsnap.protocol import Connection, Message, RemoteProtocolError, Role
+from uffdsnap.protocol import (
+    Connection,
+    LocalProtocolError,
+    Message,
+    RemoteProtocolError,
+    Role,
+)
 
 _READ_SIZE = 256 << 10
+# Descriptors arrive with the first byte of their message; a few may arrive with the bytes of
+# earlier messages in the same read. More than this queued is a peer parking fds on us.
+MAX_FDS_IN_FLIGHT = 8
 
 
 class PeerClosed(Exception):
@@ -32,7 +41,10 @@ class Channel:
         self._fds: deque[int] = deque()
 
     async def send(self, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Send `msg` (and `fds` with its first byte)."""
+        """Send `msg` (and `fds` with its first byte: exactly as many as it carries)."""
+        if len(fds) != msg.fd_count():
+            raise LocalProtocolError(f"{msg.TYPE} carries {msg.fd_count()} file descriptor(s), "
+                                     f"not {len(fds)}")
         data = self.conn.send(msg)
         async with self._send_lock:
             try:
@@ -45,12 +57,19 @@ class Channel:
             except (BrokenPipeError, ConnectionResetError) as e:
                 raise PeerClosed(str(e)) from None
 
-    async def receive(self) -> Message:
-        """The next message; raises PeerClosed at EOF, RemoteProtocolError on bad input."""
+    async def receive(self) -> tuple[Message, list[int]]:
+        """The next message and the descriptors that came with it (as many as its type carries,
+        `Message.fds`; the caller owns them). PeerClosed at EOF, RemoteProtocolError on bad
+        input, a message short of its descriptors, or too many descriptors in flight."""
         while True:
             msg = self.conn.next_message()
             if msg is not None:
-                return msg
+                want = msg.fd_count()
+                if len(self._fds) < want:
+                    raise RemoteProtocolError(f"{msg.TYPE}: expected {want} file "
+                                              f"descriptor(s) with the message, got "
+                                              f"{len(self._fds)}")
+                return msg, [self._fds.popleft() for _ in range(want)]
             try:
                 data, ancdata, flags, _ = await self.sock.recvmsg(_READ_SIZE,
                                                                   scm.ancillary_space())
@@ -60,15 +79,12 @@ class Channel:
                 self._fds.extend(scm.fds_from_ancillary(ancdata, flags))
             except ValueError as e:
                 raise RemoteProtocolError(str(e)) from None
+            if len(self._fds) > MAX_FDS_IN_FLIGHT:
+                raise RemoteProtocolError(f"more than {MAX_FDS_IN_FLIGHT} file descriptors "
+                                          "sent ahead of their messages")
             if not data:
                 raise PeerClosed("connection closed by peer")
             self.conn.receive_data(data)
-
-    def take_fd(self) -> int:
-        """The oldest descriptor received and not yet taken (fds arrive with their message)."""
-        if not self._fds:
-            raise RemoteProtocolError("expected a file descriptor with the message, got none")
-        return self._fds.popleft()
 
     def close(self) -> None:
         while self._fds:

@@ -19,10 +19,8 @@ import trio
 from uffdsnap import native
 from uffdsnap import workload as wl
 from uffdsnap.cli.summary import ns_text, size_text
-from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import SnapshotFailed, UserError
-from uffdsnap.groups import unwrap_group
-from uffdsnap.hosted import listen
+from uffdsnap.hosted import hosted
 from uffdsnap.image import verify
 from uffdsnap.native.libc import KernelError
 from uffdsnap.native.uffd import create_uffd
@@ -85,28 +83,22 @@ def run_demo(keep: str | None = None, say: Callable[[str], None] = print) -> dic
 
 async def _run(shm: str, workdir: str, writers: list[wl.WriterProcess],
                say: Callable[[str], None]) -> dict[str, Any]:
-    sock = os.path.join(workdir, "coordinator.sock")
     obj = open_object(shm)
-    listener = await listen(sock)
-    coordinator = Coordinator(obj, attach_path=sock)
     try:
-        with unwrap_group():
-            async with trio.open_nursery() as nursery:
-                await nursery.start(coordinator.serve, listener)
-                say(f"coordinator listening on {sock}")
-                await trio.to_thread.run_sync(_start_writers, shm, sock, writers)
-                say(f"started {NATIVE_WRITERS} native writers (unmodified; pids "
-                    f"{', '.join(str(w.pid) for w in writers[:NATIVE_WRITERS])}) and "
-                    f"{ENLISTED_WRITERS} Python writers that enlisted (pids "
-                    f"{', '.join(str(w.pid) for w in writers[NATIVE_WRITERS:])})")
-                before = wl.read_live_seqs(shm)
-                say("taking a snapshot while every writer keeps writing ...")
-                out = os.path.join(workdir, "demo.img")
-                summary = await coordinator.snapshot(out)
-                after = wl.read_live_seqs(shm)
-                nursery.cancel_scope.cancel()
+        async with hosted(obj, socket_path=os.path.join(workdir, "coordinator.sock")) as host:
+            sock = host.socket_path
+            say(f"coordinator listening on {sock}")
+            await trio.to_thread.run_sync(_start_writers, shm, sock, writers)
+            say(f"started {NATIVE_WRITERS} native writers (unmodified; pids "
+                f"{', '.join(str(w.pid) for w in writers[:NATIVE_WRITERS])}) and "
+                f"{ENLISTED_WRITERS} Python writers that enlisted (pids "
+                f"{', '.join(str(w.pid) for w in writers[NATIVE_WRITERS:])})")
+            before = wl.read_live_seqs(shm)
+            say("taking a snapshot while every writer keeps writing ...")
+            out = os.path.join(workdir, "demo.img")
+            summary = await host.coordinator.snapshot(out)
+            after = wl.read_live_seqs(shm)
     finally:
-        listener.close()
         obj.close()
     summary["image"] = out
     return _report(out, summary, before, after, say)

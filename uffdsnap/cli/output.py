@@ -16,6 +16,12 @@ def emit(as_json: bool, result: dict[str, Any], human: str) -> None:
     sys.stdout.flush()
 
 
+def say(line: str) -> None:
+    """One line of progress for a person, on stdout (flushed: scripts wait for it)."""
+    sys.stdout.write(line.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
 def error_line(message: str) -> None:
     """The one line a failed command writes to stderr."""
     sys.stderr.write(f"uffdsnap: error: {message}\n")

@@ -12,15 +12,17 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from dataclasses import dataclass
 from functools import cache
 
 from uffdsnap.errors import UserError
 from uffdsnap.native.libc import KernelError
 
-SC_EVENT, SC_GONE, SC_FAILED = 1, 2, 3
+SC_EVENT, SC_GONE, SC_FAILED, SC_UNPROTECT = 1, 2, 3, 4
 _u64 = ctypes.c_uint64
 _p_u64 = ctypes.POINTER(_u64)
+_RANGE = struct.Struct("=QQ")
 
 
 class _Event(ctypes.Structure):
@@ -37,12 +39,18 @@ class _Stats(ctypes.Structure):
 @dataclass(frozen=True)
 class CoreEvent:
     """What the core hands to Python: a uffd message that needs policy (SC_EVENT, with the raw
-    32 bytes), a process gone under a uffd (SC_GONE), or a failure (SC_FAILED, errno)."""
+    32 bytes), a process gone under a uffd (SC_GONE), a failure (SC_FAILED, errno), or a range
+    to un-protect in agents on the main connection (SC_UNPROTECT, see `unprotected`)."""
 
     ident: int
     kind: int
     err: int
     msg: bytes
+
+    @property
+    def unprotected(self) -> tuple[int, int]:
+        """SC_UNPROTECT: the (offset, length) saved and un-protected everywhere else."""
+        return _RANGE.unpack_from(self.msg)
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class CoreStats:
     service_buckets: tuple[tuple[int, int], ...]  # (LatencyHistogram bucket, count)
 
 
-ABI_VERSION = 2  # snapcore.h's SC_ABI_VERSION
+ABI_VERSION = 3  # snapcore.h's SC_ABI_VERSION
 TEST_UNPROTECT_BEFORE_SAVE = 1  # SC_TEST_UNPROTECT_BEFORE_SAVE
 
 
@@ -93,6 +101,7 @@ def _library() -> ctypes.CDLL:
         "sc_stats": (None, [vp, ctypes.POINTER(_Stats), _p_u64]),
         "sc_hist_buckets": (i, []),
         "sc_set_test_flags": (None, [vp, i]),
+        "sc_relay_unprotects": (i, [vp]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -251,6 +260,11 @@ class SnapCore:
             out += [buf.raw[32 * i:32 * (i + 1)] for i in range(n)]
             if n < 256:
                 return out
+
+    def relay_unprotects(self) -> None:
+        """From now on also hand Python every range un-protected everywhere (SC_UNPROTECT
+        events, coalesced), for agents without a fault channel: one batcher for everyone."""
+        _check("snapcore relay", self._lib.sc_relay_unprotects(self._p()))
 
     def set_test_flags(self, flags: int) -> None:
         """Deliberately wrong behaviours for tests' negative controls (TEST_*)."""

@@ -39,6 +39,10 @@ class Message:
     # Number of file descriptors that travel with this message (SCM_RIGHTS), set by the sender.
     fds: ClassVar[int] = 0
 
+    def fd_count(self) -> int:
+        """How many file descriptors travel with this message (SCM_RIGHTS)."""
+        return self.fds
+
 
 @dataclass(frozen=True)
 class Hello(Message):
@@ -176,6 +180,9 @@ class Event(Message):
     b: int = 0
     c: int = 0
     child: int = 0
+
+    def fd_count(self) -> int:
+        return 1 if self.kind == "fork" else 0
 
 
 @dataclass(frozen=True)

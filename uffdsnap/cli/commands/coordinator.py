@@ -11,11 +11,10 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.cli.commands.snapshot import add_mode_argument, add_test_hooks_argument
-from uffdsnap.coordinator import Coordinator
+from uffdsnap.cli.output import say
 from uffdsnap.errors import UserError
-from uffdsnap.groups import unwrap_group
-from uffdsnap.hosted import listen
-from uffdsnap.procfs import ObjectError, open_object
+from uffdsnap.hosted import hosted
+from uffdsnap.procfs import ObjectError, SharedObject, open_object
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,13 +39,8 @@ def run(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.listen)
     if os.path.exists(path):
         raise UserError(f"{args.listen} exists (another coordinator, or a stale socket?)")
-    coordinator = Coordinator(obj, protect_timeout=args.timeout,
-                              attach_path=path if args.attach else None,
-                              delegate=args.mode == "delegated",
-                              test_hooks=testhooks.parse(args.test_hooks))
     try:
-        with unwrap_group():
-            trio.run(_serve, coordinator, path)
+        trio.run(lambda: _serve(obj, path, args))
     finally:
         obj.close()
         if os.path.exists(path):
@@ -54,13 +48,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(coordinator: Coordinator, path: str) -> None:
-    listener = await listen(path)
+async def _serve(obj: SharedObject, path: str, args: argparse.Namespace) -> None:
+    """Serve until SIGTERM or SIGINT; leaving closes every connection, which releases every
+    agent."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(coordinator.serve, listener)
-            print(f"coordinator listening on {path}", flush=True)
+        async with hosted(obj, socket_path=path, attach=args.attach,
+                          protect_timeout=args.timeout, delegate=args.mode == "delegated",
+                          test_hooks=testhooks.parse(args.test_hooks)):
+            say(f"coordinator listening on {path}")
             async for _ in signals:
-                nursery.cancel_scope.cancel()  # closing connections releases every agent
                 break
-    listener.close()

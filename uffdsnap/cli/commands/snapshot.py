@@ -66,7 +66,7 @@ def _local(spec: str, output: str, args: argparse.Namespace, progress: Any) -> d
         raise UserError(str(e)) from None
     try:
         return trio.run(lambda: attach_and_snapshot(obj, output, overwrite=args.force,
-                                                    timeout=args.timeout,
+                                                    protect_timeout=args.timeout,
                                                     delegate=args.mode == "delegated",
                                                     on_progress=progress,
                                                     test_hooks=testhooks.parse(args.test_hooks)))
@@ -81,10 +81,10 @@ async def _remote(path: str, output: str, overwrite: bool) -> dict[str, Any]:
         raise UserError(f"cannot reach coordinator at {path}: {e.strerror}") from None
     try:
         await chan.send(Hello(PROTOCOL_VERSION, Role.CLIENT.value, os.getpid()))
-        welcome = await chan.receive()
+        welcome, _ = await chan.receive()
         assert isinstance(welcome, Welcome)
         await chan.send(Snap(output, overwrite))
-        result = await chan.receive()
+        result, _ = await chan.receive()
     except (PeerClosed, ProtocolError) as e:
         raise SnapshotFailed(f"coordinator at {path}: {e}") from None
     finally:

@@ -120,6 +120,7 @@ struct sc {
     size_t nbatch, batch_cap;
     uint64_t batch_since;
     int test_flags; /* SC_TEST_*: never set in normal use */
+    int relay; /* hand un-protected ranges to Python too (sc_relay_unprotects) */
 };
 
 static uint64_t mono_ns(void)
@@ -512,6 +513,12 @@ static void unprotect_everywhere(struct sc *c, uint64_t off, uint64_t len)
         unprotect_in(c, c->ufs[i], off, len);
     for (size_t i = 0; i < c->nchans; i++)
         send_unprotect(c, c->chans[i], off, len);
+    if (c->relay) { /* and to Python, for agents on the main connection */
+        unsigned char msg[MSG_SIZE] = { 0 };
+        memcpy(msg, &off, 8);
+        memcpy(msg + 8, &len, 8);
+        push_event(c, -1, SC_UNPROTECT, 0, msg);
+    }
 }
 
 /* Save one page (not yet saved) from the object into the image and mark it. */
@@ -584,8 +591,10 @@ static void batch_unprotect(struct sc *c, uint64_t off, uint64_t len)
         unprotect_everywhere(c, off, len); /* no room: do it now */
         return;
     }
-    if (!c->nbatch)
+    if (!c->nbatch) {
         c->batch_since = mono_ns();
+        wake_thread(c); /* to wait no longer than the batch delay (it may sit in an endless poll) */
+    }
     c->batch[c->nbatch++] = (struct span2){ off, len };
     if (c->nbatch >= BATCH_MAX)
         flush_batch(c);
@@ -1319,6 +1328,14 @@ void sc_stats(struct sc *c, struct sc_stats *out, uint64_t *hist)
 int sc_hist_buckets(void) { return HIST_BUCKETS; }
 
 int sc_abi_version(void) { return SC_ABI_VERSION; }
+
+int sc_relay_unprotects(struct sc *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->relay = 1;
+    pthread_mutex_unlock(&c->mu);
+    return sc_start(c); /* its thread flushes batches */
+}
 
 void sc_set_test_flags(struct sc *c, int flags)
 {

@@ -10,15 +10,17 @@
 
 #include <stdint.h>
 
-#define SC_ABI_VERSION 2
+#define SC_ABI_VERSION 3
 
 /* A uffd message as the kernel hands it out (struct uffd_msg). */
 #define SC_MSG_SIZE 32
 /* Buckets of the fault-service histogram (uffdsnap.stats.LatencyHistogram's). */
 #define SC_HIST_BUCKETS 2048
 
-/* What Python is told through sc_take_events. */
-enum { SC_EVENT = 1, SC_GONE = 2, SC_FAILED = 3 };
+/* What Python is told through sc_take_events. SC_UNPROTECT (only after sc_relay_unprotects):
+ * a saved range, coalesced, for agents the core cannot reach itself (msg: offset, length as two
+ * native-endian uint64). */
+enum { SC_EVENT = 1, SC_GONE = 2, SC_FAILED = 3, SC_UNPROTECT = 4 };
 
 struct sc_event {
     int64_t ident;
@@ -63,5 +65,8 @@ int sc_take_events(struct sc *c, struct sc_event *out, int max);
 void sc_stats(struct sc *c, struct sc_stats *out, uint64_t *hist);
 int sc_hist_buckets(void);
 void sc_set_test_flags(struct sc *c, int flags);
+/* From now on, also hand every range un-protected everywhere to Python (SC_UNPROTECT): the one
+ * batcher serves agents without a fault channel too. Starts the fault thread if needed. */
+int sc_relay_unprotects(struct sc *c);
 
 #endif

@@ -7,6 +7,7 @@ mappers it finds, waits until each has joined or its target has gone, and reaps 
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +18,8 @@ import trio
 from uffdsnap import testhooks
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.procfs import process_running
+
+log = logging.getLogger(__name__)
 
 AGENT_EXIT_TIMEOUT_S = 10.0
 
@@ -109,7 +112,7 @@ async def _watch(agent: AgentProcess) -> None:
             lines = chunk.decode(errors="replace").splitlines()
             agent.stderr.extend(lines)
             for line in lines:  # an agent writes only when something is wrong: pass it on
-                sys.stderr.write(f"[agent for pid {agent.target}] {line}\n")
+                log.warning("[agent for pid %d] %s", agent.target, line)
         with trio.CancelScope(shield=True):
             await agent.process.wait()
     finally:

@@ -1,0 +1,338 @@
+"""The Agent: the trackers of one agent process (its process and descendants forked while
+protected) and the trio tasks that serve them: the coordinator's messages, one fault reader and
+one exit watcher per process. The native core's part is in _corelink, fork children in
+_children, the escape audit in _audit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+
+import trio
+
+from uffdsnap import testhooks
+from uffdsnap.agent._audit import audit
+from uffdsnap.agent._children import adopt_child, delegated_event
+from uffdsnap.agent._corelink import start_core, stop_core
+from uffdsnap.agent._faultlog import FaultLog
+from uffdsnap.channel import Channel, PeerClosed
+from uffdsnap.native import uffd as K
+from uffdsnap.native.core import SnapCore
+from uffdsnap.native.libc import KernelError
+from uffdsnap.procfs import Mapping, ObjectId, process_running
+from uffdsnap.protocol import (
+    MAX_TEXTS,
+    Abort,
+    Delegate,
+    Event,
+    Fault,
+    FaultChannel,
+    Gone,
+    Message,
+    Protect,
+    Protected,
+    ProtocolError,
+    Release,
+    Released,
+    Removed,
+    Tracked,
+    Unprotect,
+)
+from uffdsnap.stats import monotonic_ns
+from uffdsnap.tracker import GONE, Tracker
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """The trackers of one agent (its process and descendants forked while protected) and the
+    tasks that serve them: one fault reader and one exit watcher per process."""
+
+    def __init__(self, pid: int, test_hooks: testhooks.Hooks | None = None):
+        self.pid = pid
+        self.trackers: list[Tracker] = []
+        self.log = FaultLog()
+        self.ended: list[str] = []
+        self._nursery: trio.Nursery | None = None
+        self._chan: Channel | None = None
+        # Between protect and release our Python tasks do not read the uffds: in delegated
+        # mode the coordinator does (it holds copies), otherwise our native core does, which
+        # forwards faults over a fault channel and applies the un-protects that come back.
+        self.delegate = False
+        self.lent = False
+        self._resumed = trio.Event()
+        self._next_ident = 1
+        self.page_size = 0
+        self.object_id = ObjectId(0, 0, 0)
+        self.core: SnapCore | None = None
+        self._fault_sock: socket.socket | None = None
+        self._hooks: testhooks.Hooks = test_hooks or {}
+
+    def add(self, tracker: Tracker) -> None:
+        if not tracker.ident:
+            tracker.ident = self._next_ident
+            self._next_ident += 1
+        self.trackers.append(tracker)
+        if self.core is not None:
+            tracker.lend(self.core, tracker.ident)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._read_faults, tracker)
+            if tracker.pidfd >= 0:
+                self._nursery.start_soon(self._watch_exit, tracker)
+
+    def drop(self, tracker: Tracker) -> None:
+        """Stop tracking one process (it exited or exec'd away from the object), and tell the
+        coordinator: a process that lives on (exec) is then no longer counted as tracked."""
+        if tracker in self.trackers:
+            self.trackers.remove(tracker)
+            if self._nursery is not None and tracker.pid is not None:
+                self._nursery.start_soon(self._report_tracked)
+            if self.core is not None:
+                self.core.remove(tracker.ident)
+            # tasks may be waiting on these fds: wake them (they see the tracker gone)
+            trio.lowlevel.notify_closing(tracker.uffd)
+            if tracker.pidfd >= 0:
+                trio.lowlevel.notify_closing(tracker.pidfd)
+            tracker.close()
+
+    def release_all(self) -> None:
+        stop_core(self)  # the core's thread must not read uffds we are about to close
+        for tracker in list(self.trackers):
+            try:
+                tracker.release()
+            except KernelError as e:
+                report(f"releasing pid {tracker.pid}: {e}")
+            tracker.close()
+        self.trackers.clear()
+
+    async def serve(self, chan: Channel) -> str:
+        self._chan = chan
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for tracker in self.trackers:
+                    nursery.start_soon(self._read_faults, tracker)
+                    nursery.start_soon(self._watch_exit, tracker)
+                nursery.start_soon(self._handle_signals)
+                await self._messages(chan)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+        return self.ended[0] if self.ended else "done"
+
+    def _end(self, why: str) -> None:
+        self.ended.append(why)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _send(self, msg: Message) -> None:
+        """Send to the coordinator; losing it ends the agent (which then releases everything)."""
+        assert self._chan is not None
+        try:
+            await self._chan.send(msg)
+        except (PeerClosed, ProtocolError, OSError) as e:
+            self._end(f"lost the coordinator: {e}")
+
+    async def _messages(self, chan: Channel) -> None:
+        try:
+            while True:
+                msg, fds = await chan.receive()
+                if self.ended or chan.conn.state.value == "closed":
+                    for fd in fds:
+                        os.close(fd)
+                    return  # we are leaving (gone): what the coordinator had in flight is moot
+                if isinstance(msg, Protect):
+                    await self._test_hold_protect()
+                    self.log.reset()
+                    use_core = not self.delegate and not self._hooks.get("no_fault_channel")
+                    # the coordinator or our core reads the uffds from now: stop reading them
+                    # before anything can fault
+                    self.lent = self.delegate or use_core
+                    self._resumed = trio.Event()
+                    theirs = start_core(self) if use_core else None
+                    t0 = monotonic_ns()
+                    maps = [m for t in list(self.trackers) for m in self._protect(t)]
+                    protect_ns = monotonic_ns() - t0
+                    if self.delegate:
+                        for t in list(self.trackers):
+                            spans = tuple(t.spans_with_offsets())
+                            await chan.send(Delegate(t.ident, t.pid or 0, spans), fds=[t.uffd])
+                    elif theirs is not None:
+                        assert self.core is not None
+                        for t in list(self.trackers):
+                            self.core.set_maps(t.ident, t.spans_with_offsets())
+                        try:
+                            await chan.send(FaultChannel(msg.snapshot), fds=[theirs.fileno()])
+                        finally:
+                            theirs.close()
+                    await chan.send(Protected(
+                        msg.snapshot, tuple((m.start, m.length, m.offset) for m in maps),
+                        protect_ns))
+                elif isinstance(msg, Unprotect):
+                    for tracker in list(self.trackers):
+                        self._unprotect(tracker, msg.ranges)
+                    self.log.served(msg.ranges, self.trackers[0].page_size if self.trackers
+                                    else 1, monotonic_ns())
+                elif isinstance(msg, Event):
+                    delegated_event(self, msg, fds)
+                elif isinstance(msg, Release):
+                    stop_core(self)
+                    escapes = [] if self._hooks.get("no_escape_audit") else audit(self)
+                    for tracker in list(self.trackers):
+                        tracker.release()
+                    if self.lent:
+                        self.lent = False
+                        self._resumed.set()
+                    await chan.send(Released(msg.snapshot, self.log.faults, self.log.hist.buckets(),
+                                             self.log.hist.max_ns, tuple(escapes[:MAX_TEXTS])))
+                elif isinstance(msg, Abort):
+                    self.ended.append(f"coordinator aborted: {msg.reason}")
+                    return
+        except PeerClosed:
+            self.ended.append("coordinator closed the connection")
+        except ProtocolError as e:
+            self.ended.append(f"protocol error: {e}")
+            with trio.move_on_after(1):
+                try:
+                    await chan.send(Abort(f"protocol error: {e}"))
+                except (PeerClosed, ProtocolError, OSError):
+                    pass
+        except KernelError as e:
+            self.ended.append(str(e))
+            with trio.move_on_after(1):
+                try:
+                    await chan.send(Abort(f"agent for pid {self.pid}: {e}"))
+                except (PeerClosed, ProtocolError, OSError):
+                    pass
+
+    # ---- the native core (agents mode) ---------------------------------------------------
+
+    def _protect(self, tracker: Tracker) -> list[Mapping]:
+        skip = testhooks.for_pid(self._hooks, "skip_protect", tracker.pid)
+        core = self.core
+
+        def mapped() -> None:  # our core must place the first fault
+            if core is not None:
+                core.set_maps(tracker.ident, tracker.spans_with_offsets())
+
+        try:
+            return tracker.protect(leave_unprotected=skip.get("which", "all") if skip else None,
+                                   mapped=mapped)
+        except ProcessLookupError:
+            self.drop(tracker)  # exited between two looks: nothing to protect
+            return []
+        except KernelError as e:
+            if e.errno not in GONE:
+                raise
+            self.drop(tracker)
+            return []
+
+    def _unprotect(self, tracker: Tracker, ranges: tuple[tuple[int, int], ...]) -> None:
+        try:
+            for off, length in ranges:
+                tracker.unprotect(off, length)
+        except KernelError as e:
+            if e.errno not in GONE:
+                raise
+            self.drop(tracker)  # exited or exec'd: its old address space is gone
+
+    async def _read_faults(self, tracker: Tracker) -> None:
+        """Read this process's uffd: forward faults, follow fork/remap/unmap/remove."""
+        while tracker in self.trackers:
+            if not tracker.backlog:
+                if self.lent:
+                    await self._resumed.wait()
+                    continue
+                # Events drained during an EAGAIN retry wait in the backlog: look again soon.
+                with trio.move_on_after(0.05):
+                    try:
+                        await trio.lowlevel.wait_readable(tracker.uffd)
+                    except trio.ClosedResourceError:
+                        return  # dropped
+                if self.lent:
+                    continue  # lent while we waited: the coordinator or our core reads now
+                try:
+                    tracker.backlog.extend(K.read_events(tracker.uffd))
+                except KernelError:
+                    self.drop(tracker)
+                    return
+            while tracker.backlog:
+                await self._event(tracker, tracker.backlog.popleft())
+
+    async def _event(self, tracker: Tracker, event: K.UffdEvent) -> None:
+        if isinstance(event, K.PageFault):
+            offset = tracker.offset_of(event.address)
+            if offset is None:
+                # Events come in order (a move is read before any fault at its new address),
+                # so a fault we cannot place means our address table is wrong: tracking is
+                # lost. Ending releases (and wakes) everything, and fails the snapshot.
+                self._end(f"pid {tracker.pid}: a write fault at {event.address:#x}, outside "
+                          "every mapping of the object we know of: tracking lost")
+                return
+            self.log.seen(offset, monotonic_ns())  # duplicates (after a signal) go on too:
+            await self._send(Fault(offset, event.tid, self.log.pending[offset]))  # idempotent
+        elif isinstance(event, K.Fork):
+            adopt_child(self, tracker, event.uffd)
+        elif isinstance(event, K.Remap):
+            if not self._hooks.get("ignore_remap"):  # (the hook: wrong on purpose)
+                tracker.remapped(event)
+        elif isinstance(event, K.Unmap):
+            tracker.unmapped(event.start, event.end)
+        elif isinstance(event, K.Remove):
+            ranges = [(tracker.offset_of(a) or 0, n) for a, n in
+                      tracker.spans_of(event.start, event.end)]
+            if ranges:
+                await self._send(Removed(tuple(ranges)))
+
+    async def _watch_exit(self, tracker: Tracker) -> None:
+        if tracker.pidfd < 0:
+            return
+        pid = tracker.pid
+        try:
+            await trio.lowlevel.wait_readable(tracker.pidfd)
+        except trio.ClosedResourceError:
+            # dropped meanwhile: its address space is gone. If the process lives on, it exec'd:
+            # stay (drop() told the coordinator it is no longer tracked; our audit at release
+            # reports it if the new program maps the object)
+            if pid is not None and process_running(pid):
+                return
+        self.drop(tracker)
+        if not self.trackers and not (pid != self.pid and process_running(self.pid)):
+            await self._send(Gone("process exited"))
+            self._end("process exited")
+        else:
+            await self._report_tracked()
+
+    async def _report_tracked(self) -> None:
+        await self._send(Tracked(tuple(t.pid for t in self.trackers if t.pid is not None)))
+
+    async def _handle_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                name = signal.Signals(signum).name
+                with trio.move_on_after(1):
+                    await self._send(Abort(f"agent for pid {self.pid} got {name}"))
+                self._end(f"signal {name}")
+
+    async def _test_hold_protect(self) -> None:
+        """Test hook hold_protect: say so on the hook's FIFO, then protect only on SIGUSR1 (a
+        deterministically slow protector, while the other agents protect at once)."""
+        spec = testhooks.for_pid(self._hooks, "hold_protect", self.pid)
+        if spec is None:
+            return
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            line = f"held agent={os.getpid()} target={self.pid}\n".encode()
+
+            def say() -> None:
+                with open(spec["fifo"], "wb") as fifo:
+                    fifo.write(line)
+
+            await trio.to_thread.run_sync(say)
+            async for _ in signals:
+                break
+
+
+def report(message: str) -> None:
+    log.error("%s", message)

@@ -1,0 +1,114 @@
+"""An agent's native core during a snapshot (agents mode): it reads the processes' uffds,
+forwards faults over a fault channel to the coordinator's core and applies the un-protects that
+come back, with no interpreter on a fault's path; Python handles only what needs policy."""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from uffdsnap.native import uffd as K
+from uffdsnap.native.core import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
+from uffdsnap.native.libc import KernelError
+
+if TYPE_CHECKING:
+    from uffdsnap.agent._agent import Agent
+
+FORWARD_IDENT = 0  # the core's name for the fault channel (trackers are 1, 2, ...)
+
+
+def start_core(agent: Agent) -> socket.socket:
+    """Lend every uffd to a native core that forwards faults over a new fault channel;
+    return the coordinator's end of it (to be sent with a `faults` message)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        core = SnapCore.for_agent(agent.page_size)
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
+    agent.core, agent._fault_sock = core, ours
+    core.forward(FORWARD_IDENT, ours.fileno())
+    for tracker in list(agent.trackers):
+        tracker.lend(core, tracker.ident)
+    assert agent._nursery is not None
+    agent._nursery.start_soon(serve_core_events, agent, core)
+    return theirs
+
+
+def stop_core(agent: Agent) -> None:
+    """Take the uffds back: what the core read but did not handle goes to the backlogs
+    (handled in order once we read again); its fault counts go into our log."""
+    core, agent.core = agent.core, None
+    if core is None:
+        return
+    core.stop()
+    tracked = {t.ident for t in agent.trackers}
+    events = [e for e in core.take_events() if e.kind == SC_EVENT]
+    for tracker in list(agent.trackers):
+        tracker.drain = None
+        msgs = [e.msg for e in events if e.ident == tracker.ident]
+        msgs += core.take_pending(tracker.ident)
+        for i, msg in enumerate(msgs):
+            # moves and unmaps now, so that a release that follows covers the right
+            # ranges; the rest waits in the backlog for the reader
+            event = K.decode_message(msg)
+            try:
+                if isinstance(event, K.Remap):
+                    if not agent._hooks.get("ignore_remap"):  # (the hook: wrong on purpose)
+                        tracker.remapped(event)
+                elif isinstance(event, K.Unmap):
+                    tracker.unmapped(event.start, event.end)
+                else:
+                    tracker.backlog.append(event)
+            except (KernelError, ProcessLookupError):
+                agent.drop(tracker)  # its address space is gone
+                for rest in msgs[i + 1:]:
+                    K.close_fork_uffd(rest)
+                break
+    for e in events:  # a dropped tracker's fork event: nobody will serve that child
+        if e.ident not in tracked:
+            K.close_fork_uffd(e.msg)
+    stats = core.stats()
+    agent.log.faults += stats.faults
+    agent.log.hist.merge(stats.service_buckets, stats.service_max_ns)
+    trio.lowlevel.notify_closing(core.notify_fd)  # wakes serve_core_events, which ends
+    core.close()
+    if agent._fault_sock is not None:
+        agent._fault_sock.close()
+        agent._fault_sock = None
+
+
+async def serve_core_events(agent: Agent, core: SnapCore) -> None:
+    """Handle what the core cannot: fork/mremap/munmap/remove events (each pauses its uffd
+    until handled here), processes gone, a broken fault channel."""
+    while agent.core is core:
+        try:
+            await trio.lowlevel.wait_readable(core.notify_fd)
+        except trio.ClosedResourceError:
+            return  # the snapshot is over (stop_core)
+        if agent.core is not core:
+            return
+        failed = ""
+        for ev in core.take_events():
+            tracker = next((t for t in agent.trackers if t.ident == ev.ident), None)
+            if ev.kind == SC_FAILED:
+                where = ("fault channel" if ev.ident == FORWARD_IDENT else
+                         f"serving pid {tracker.pid if tracker else '?'}")
+                failed = failed or f"{where}: {describe_error(ev.err)}"
+            elif ev.kind == SC_GONE:
+                if tracker is not None:
+                    agent.drop(tracker)  # exited or exec'd
+                # (the channel: the coordinator closed it or is gone)
+            elif tracker is None:
+                K.close_fork_uffd(ev.msg)  # dropped meanwhile: nobody will serve a child
+            else:
+                await agent._event(tracker, K.decode_message(ev.msg))
+                if agent.core is core and tracker in agent.trackers:
+                    core.set_maps(tracker.ident, tracker.spans_with_offsets())
+                    core.resume(tracker.ident)
+        if failed:
+            agent._end(failed)
+            return

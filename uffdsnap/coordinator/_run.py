@@ -1,0 +1,331 @@
+"""One snapshot, driven: join → protect (faults held) → T → copy → release → verdict. The rules
+are the policy's (_policy.py); this is the I/O around it: messages to agents, the /proc scans,
+attaching newcomers, the native core and the copy threads, deadlines, test hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from uffdsnap.coordinator import _report
+from uffdsnap.coordinator._copy import copy_all
+from uffdsnap.coordinator._native import CoreLink
+from uffdsnap.coordinator._peers import Peer
+from uffdsnap.coordinator._policy import BeforeT, FaultAction, SnapshotPolicy
+from uffdsnap.errors import SnapshotFailed
+from uffdsnap.image import ImageWriter
+from uffdsnap.native.core import SnapCore
+from uffdsnap.native.libc import KernelError
+from uffdsnap.procfs import parent_pid, process_comm
+from uffdsnap.protocol import MAX_RANGES, Fault, Protect, Release, Unprotect
+from uffdsnap.stats import monotonic_ns
+
+if TYPE_CHECKING:
+    from uffdsnap.coordinator._server import Coordinator
+
+log = logging.getLogger(__name__)
+
+RELEASE_TIMEOUT_S = 10.0
+FORK_REPORT_GRACE_S = 2.0  # how long a tracked parent's agent gets to report a forked child
+
+
+class Run:
+    """One snapshot in progress: its policy, image, native core, and the I/O that drives it."""
+
+    def __init__(self, coord: Coordinator, run_id: int, writer: ImageWriter, core: SnapCore):
+        self.coord = coord
+        self.id = run_id
+        self.writer = writer
+        self.core = core
+        self.policy = SnapshotPolicy(run_id, coord.page_size,
+                                     serve_before_t=bool(coord.test_hooks.get("serve_before_t")))
+        self.link = CoreLink(core, coord.obj.object_id, coord.page_size, coord.idents,
+                             self.fail, self.removed, self.unprotect_everywhere)
+        self.failed = trio.Event()
+        self.changed = trio.Event()  # a member protected, left, or reported children
+        self.timeline = _report.Timeline()
+        self.held_wait_max_ns = 0
+        self.bytes_scanned = 0
+        self._paused: set[str] = set()
+
+    @property
+    def failure(self) -> str | None:
+        return self.policy.failure
+
+    def fail(self, reason: str) -> None:
+        if self.policy.fail(reason):
+            self.failed.set()
+
+    def changed_now(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # ---- events from the coordinator's connections ------------------------------------------
+
+    def joined(self, peer: Peer) -> None:
+        maps = self.coord.maps_object_writable(peer.pid)
+        if self.policy.join(peer, peer.pid, peer.comm, maps):
+            peer.released = trio.Event()
+            peer.post_nowait(Protect(self.id))  # a fresh outbox has room
+        self._note_failure()
+        self.changed_now()
+
+    def lost(self, peer: Peer, why: str) -> None:
+        if peer in self.policy.members:
+            self.link.close_peer(peer)
+            self.policy.lost(peer, peer.any_alive(), why)
+            peer.released.set()
+            self._note_failure()
+            self.changed_now()
+
+    def gone(self, peer: Peer, reason: str) -> None:
+        self.policy.gone(peer, reason)
+        peer.released.set()
+        self.changed_now()
+
+    def protected(self, peer: Peer, msg_snapshot: int) -> None:
+        if msg_snapshot != self.id:
+            return
+        self.link.relay_for(peer)
+        early = self.policy.protected(peer, len(peer.mappings), peer.protect_ns)
+        if self.policy.serve_before_t:  # test hook, wrong on purpose: serve before T
+            self.core.go()
+            for held in early:
+                self._serve(peer, held.offset)
+        self.changed_now()
+
+    def fault(self, peer: Peer, msg: Fault) -> None:
+        page = msg.offset // self.coord.page_size
+        action = self.policy.fault(peer, msg.offset, msg.seen_ns, bool(self.core.saved[page]))
+        if action == FaultAction.SAVE:
+            self._serve(peer, msg.offset)
+        elif action == FaultAction.WAKE:
+            self.coord.wake(peer, msg.offset)
+
+    def removed(self, ranges: list[tuple[int, int]]) -> None:
+        """MADV_REMOVE hit these ranges: unsaved pages that are holes now lost their content."""
+        ps = self.coord.page_size
+        holes = [page for off, length in ranges
+                 for page in range(off // ps, min((off + length) // ps, len(self.core.saved)))
+                 if not self.core.saved[page] and _is_hole(self.coord.obj.fd, page * ps)]
+        self.policy.removed(holes[:1])
+        self._note_failure()
+
+    def unprotect_everywhere(self, ranges: list[tuple[int, int]]) -> None:
+        """Saved ranges (relayed by the core's batcher) for agents on the main connection."""
+        for start in range(0, len(ranges), MAX_RANGES):
+            msg = Unprotect(tuple(sorted(ranges[start:start + MAX_RANGES])))
+            for peer in self.coord.peers:
+                if peer.can_unprotect() and not peer.delegated and peer.fault_channel < 0:
+                    if not peer.post_nowait(msg):
+                        self.fail(f"agent for pid {peer.pid} ({peer.comm}) stopped answering")
+
+    def _serve(self, peer: Peer, offset: int) -> None:
+        """Save a faulting page (the core un-protects it everywhere), wake the faulting one."""
+        try:
+            self.core.save_page(offset // self.coord.page_size)
+        except KernelError as e:
+            self.fail(f"saving a faulting page: {e}")
+        self.coord.wake(peer, offset)
+
+    def _note_failure(self) -> None:
+        if self.policy.failure is not None:
+            self.failed.set()
+
+    # ---- the snapshot -------------------------------------------------------------------------
+
+    async def take(self) -> dict[str, Any]:
+        coord, t = self.coord, self.timeline
+        t.start = monotonic_ns()
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on, self.failed, scope)
+                    nursery.start_soon(self.link.serve_events, self._channel_lost)
+                    if coord.attacher is not None:
+                        await coord.attach(coord.untracked_writers(self._peer_pids()))
+                    await self.test_pause("joining")
+                    await self._protect()
+                    t.t_mono, t.t_wall = monotonic_ns(), time.time_ns()
+                    self._declare_t()
+                    await self.test_pause("copying")
+                    await self._copy()
+                    await self.test_pause("finishing")
+                    scope.cancel()
+            if self.failure:
+                raise SnapshotFailed(self.failure)
+            t.copied = monotonic_ns()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._release()
+                await coord.dismiss_attached()
+        self._verdict()
+        return self._summary()
+
+    def _peer_pids(self) -> set[int]:
+        return {pid for p in self.coord.peers for pid in p.pids}
+
+    async def _protect(self) -> None:
+        """Protect every member; before T, make sure no writable mapper is left untracked
+        (attaching newcomers when we can). Returns at T; a failure cancels us."""
+        hooks, coord = self.coord.test_hooks, self.coord
+        self.timeline.protect = monotonic_ns()
+        members = self.policy.start_protect()
+        if hooks.get("no_protect"):  # wrong on purpose: copy while nothing is protected
+            self.policy.skip_protection()
+            return
+        for peer in members:
+            peer.released = trio.Event()
+            peer.release_stats = None
+            await peer.post(Protect(self.id), self.fail)
+        forks_settled_at: float | None = None
+        with trio.move_on_after(coord.protect_timeout) as timeout:
+            while True:
+                while not self.policy.all_protected():
+                    await self.changed.wait()
+                await self.test_pause("protecting")
+                if hooks.get("ignore_late_mappers"):  # wrong on purpose
+                    return
+                untracked = coord.untracked_writers(self.policy.tracked_pids())
+                tracked = self.policy.tracked_pids()
+                children = any(parent_pid(pid) in tracked for pid in untracked)
+                settled = forks_settled_at is not None and trio.current_time() >= forks_settled_at
+                decision = self.policy.before_t([_name(p) for p in untracked], children,
+                                                coord.attacher is not None, settled)
+                if decision == BeforeT.DECLARE_T:
+                    return
+                if decision == BeforeT.FAIL:
+                    break
+                if decision == BeforeT.WAIT_FOR_FORKS:
+                    if forks_settled_at is None:
+                        forks_settled_at = trio.current_time() + FORK_REPORT_GRACE_S
+                    with trio.move_on_at(forks_settled_at):
+                        await self.changed.wait()  # an agent reports its children
+                    continue
+                await coord.attach(untracked)  # they join mid-protect and are sent Protect
+        if timeout.cancelled_caught:
+            self.policy.protect_timed_out(coord.protect_timeout)
+        self._note_failure()
+        await trio.sleep_forever()  # the failure cancels us
+
+    def _declare_t(self) -> None:
+        """T. The core serves the faults it held, then every fault as it comes; ours first."""
+        held = self.policy.declare_t()
+        self.core.go()
+        now = monotonic_ns()
+        for fault in held:
+            self.held_wait_max_ns = max(self.held_wait_max_ns, now - fault.seen_ns)
+            self._serve(fault.key, fault.offset)  # type: ignore[arg-type]
+
+    async def _copy(self) -> None:
+        coord = self.coord
+        self.bytes_scanned, error = await copy_all(
+            self.core, self.writer, coord.obj.fd, coord.obj.size, coord.page_size,
+            coord.chunk_bytes, self.failed, coord.on_progress,
+            float(coord.test_hooks.get("scan_delay_s", 0)))
+        if error:
+            self.fail(error)
+
+    async def _release(self) -> None:
+        """Everyone un-protects (done or failed); wait (bounded) for their word."""
+        self.link.stop()
+        for peer in self.coord.peers:
+            self.link.close_peer(peer)  # before the agents read their uffds again
+        for peer in self.policy.start_release():
+            if peer.chan.conn.state.value in ("protecting", "active"):
+                if not peer.post_nowait(Release(self.id)):
+                    peer.chan.close()  # closing releases the agent as surely as a message
+            else:  # never protected: nothing to release, nothing to audit
+                self.policy.released(peer, ())
+                peer.released.set()
+        with trio.move_on_after(RELEASE_TIMEOUT_S):
+            for peer in list(self.policy.members):
+                await peer.released.wait()  # type: ignore[attr-defined]
+
+    def released(self, peer: Peer) -> None:
+        stats = peer.release_stats
+        self.policy.released(peer, stats.escapes if stats else ())
+        peer.released.set()
+
+    def _verdict(self) -> None:
+        coord = self.coord
+        skip_checks = coord.test_hooks.get("no_protect") or coord.test_hooks.get(
+            "ignore_late_mappers")
+        alive = {p: p.any_alive() for p in self.policy.members}  # type: ignore[attr-defined]
+        untracked = [] if skip_checks else [
+            _name(p) for p in coord.untracked_writers(self.policy.tracked_pids())]
+        if coord.test_hooks.get("no_protect"):
+            for member in self.policy.members.values():
+                member.reported, member.escapes = True, ()
+        failure = self.policy.verdict(alive, untracked)
+        if failure:
+            raise SnapshotFailed(failure)
+
+    def _channel_lost(self, peer: Peer) -> None:
+        """A fault channel ended: fine if the agent's processes are gone, otherwise its writers
+        would wait for un-protects that cannot come."""
+        if peer in self.policy.members and not peer.released.is_set() and peer.any_alive():
+            self.fail(f"agent for pid {peer.pid} ({peer.comm}) lost: its fault channel closed")
+
+    def _summary(self) -> dict[str, Any]:
+        members = list(self.policy.members)
+        return _report.summary(
+            mode="delegated" if self.coord.delegate else "agents", obj=self.coord.obj,
+            timeline=self.timeline, core=self.core.stats(),
+            processes=[p.describe() for p in members],  # type: ignore[attr-defined]
+            gone=[{**k.describe(), "reason": why} for k, _m, why in self.policy.departed],
+            agent_hists=[(p.release_stats.service_hist, p.release_stats.service_max_ns)
+                         for p in members if p.release_stats],  # type: ignore[attr-defined]
+            faults=self.policy.faults, duplicate_faults=self.policy.duplicate_faults,
+            held_wait_max_ns=self.held_wait_max_ns, fault_channels=self.link.fault_channels,
+            bytes_scanned=self.bytes_scanned)
+
+    # ---- test hooks ------------------------------------------------------------------------
+
+    async def test_pause(self, phase: str) -> None:
+        """Test hooks: `at_phase` (our test's code, in-process), or `pause_in` (say so on
+        stderr and stay in this phase, serving faults, until SIGUSR1, an agent joins or leaves,
+        the snapshot fails, or we are killed). Once per phase per snapshot."""
+        hooks = self.coord.test_hooks
+        at_phase: Callable[[], Awaitable[None]] | None = hooks.get("at_phase", {}).get(phase)
+        if phase in self._paused or (at_phase is None and hooks.get("pause_in") != phase):
+            return
+        self._paused.add(phase)
+        if at_phase is not None:
+            await at_phase()
+            return
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            log.warning("test hook: paused in %s", phase)
+            async with trio.open_nursery() as nursery:
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        break
+                    nursery.cancel_scope.cancel()
+
+                async def on_peers() -> None:
+                    await self.coord.peers_changed.wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(on_signal)
+                nursery.start_soon(on_peers)
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _name(pid: int) -> str:
+    return f"{pid} ({process_comm(pid)})"
+
+
+def _is_hole(fd: int, offset: int) -> bool:
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) != offset
+    except OSError:
+        return True  # ENXIO: no data at or after offset

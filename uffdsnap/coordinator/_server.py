@@ -1,0 +1,303 @@
+"""The coordinator's server: accepts agents and clients on one Unix socket, each connection a task
+in one nursery that contains its own failures (one peer's error never ends the others'), turns
+their messages into events for the running snapshot (_run.py), and serves client requests."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from uffdsnap import testhooks
+from uffdsnap.channel import Channel, PeerClosed
+from uffdsnap.coordinator._attach import Attacher
+from uffdsnap.coordinator._copy import CHUNK_BYTES
+from uffdsnap.coordinator._native import Idents, check_lent_fd
+from uffdsnap.coordinator._peers import OUTBOX_DEPTH, Peer, send_loop
+from uffdsnap.coordinator._report import flat, manifest_fields
+from uffdsnap.coordinator._run import Run
+from uffdsnap.errors import SnapshotFailed, UserError
+from uffdsnap.groups import unwrap_group
+from uffdsnap.image import ImageWriter
+from uffdsnap.native import core as native_core
+from uffdsnap.native.core import SnapCore
+from uffdsnap.native.pidfd import pidfd_open
+from uffdsnap.procfs import SharedObject, find_mappers, mappings_of
+from uffdsnap.protocol import (
+    PROTOCOL_VERSION,
+    Abort,
+    Delegate,
+    Fault,
+    FaultChannel,
+    Gone,
+    Hello,
+    Protected,
+    ProtocolError,
+    Released,
+    Removed,
+    Result,
+    Role,
+    Snap,
+    Tracked,
+    Unprotect,
+    Welcome,
+)
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class Coordinator:
+    """Serves agent and client connections for one object and takes snapshots on request."""
+
+    def __init__(self, obj: SharedObject, *, protect_timeout: float = 30.0,
+                 join_timeout: float | None = None,
+                 attach_path: str | None = None, delegate: bool = False,
+                 chunk_bytes: int = CHUNK_BYTES,
+                 on_progress: Callable[[int, int], None] | None = None,
+                 test_hooks: testhooks.Hooks | None = None):
+        native_core.load()  # the native data path, or fail now (one line)
+        self.obj = obj
+        self.page_size = obj.page_size
+        self.protect_timeout = protect_timeout
+        # how long attach agents get to join (injection is slower than protecting)
+        self.join_timeout = protect_timeout if join_timeout is None else join_timeout
+        self.chunk_bytes = max(chunk_bytes - chunk_bytes % obj.page_size, obj.page_size)
+        self.on_progress = on_progress
+        # Test hooks (uffdsnap/testhooks.py): never set in normal use.
+        self.test_hooks: testhooks.Hooks = test_hooks or {}
+        # With attach_path (this coordinator's own socket), every writable mapper without an
+        # agent gets an attach agent at each snapshot, for the duration of that snapshot.
+        self.attacher = (Attacher(attach_path, self.test_hooks.get("agent")) if attach_path
+                         else None)
+        # Delegated mode: agents hand us copies of their uffds while protected; our native
+        # core reads their faults and un-protects directly, with no message round trips.
+        self.delegate = delegate
+        self.peers: list[Peer] = []
+        self.peers_changed = trio.Event()
+        self.run: Run | None = None
+        self.idents = Idents()
+        self._snapshot_lock = trio.Lock()
+        self._next_id = 1
+        self._nursery: trio.Nursery | None = None
+
+    # ---- connections ----------------------------------------------------------------------
+
+    async def serve(self, listener: trio.socket.SocketType,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept agents and clients on a listening Unix socket until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(self._serve_connection, Channel(sock, Role.COORDINATOR))
+
+    async def _serve_connection(self, chan: Channel) -> None:
+        """One peer, start to end. Whatever goes wrong here ends this connection only."""
+        try:
+            with unwrap_group():
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    hello, _fds = await chan.receive()
+                assert isinstance(hello, Hello)  # the state machine admits nothing else first
+                if hello.role == Role.CLIENT.value:
+                    await chan.send(self._welcome())
+                    await self._serve_client(chan)
+                else:
+                    await self._serve_agent(chan, hello)
+        except (PeerClosed, trio.TooSlowError, OSError):
+            pass
+        except ProtocolError as e:
+            with trio.move_on_after(1):
+                try:
+                    await chan.send(Abort(f"protocol error: {e}"))
+                except (PeerClosed, ProtocolError, OSError):
+                    pass
+        except Exception as e:  # a bug must not take every other peer down with it
+            log.error("connection dropped after an unexpected error: %s: %s",
+                      type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            chan.close()
+
+    def _welcome(self) -> Welcome:
+        oid = self.obj.object_id
+        return Welcome(PROTOCOL_VERSION, self.obj.size, self.page_size, oid.major, oid.minor,
+                       oid.inode, self.delegate)
+
+    async def _serve_client(self, chan: Channel) -> None:
+        while True:
+            msg, _fds = await chan.receive()
+            if isinstance(msg, Snap):
+                try:
+                    summary = await self.snapshot(msg.output, overwrite=msg.overwrite)
+                except (SnapshotFailed, UserError, OSError) as e:
+                    await chan.send(Result(False, str(e) or type(e).__name__, {}))
+                else:
+                    await chan.send(Result(True, "", flat(summary)))
+            elif isinstance(msg, Abort):
+                return
+
+    async def _serve_agent(self, chan: Channel, hello: Hello) -> None:
+        try:
+            pidfd = pidfd_open(hello.pid)
+        except OSError as e:
+            await chan.send(Abort(f"cannot watch pid {hello.pid}: {e}"))
+            return
+        outbox_send, outbox_recv = trio.open_memory_channel[Any](OUTBOX_DEPTH)
+        peer = Peer(chan, hello.pid, hello.comm, hello.mode, pidfd, outbox_send)
+        # Join before the welcome goes out: an enlisting workload carries on as soon as its
+        # agent is welcomed, and a snapshot started then must already count it as tracked.
+        self.peers.append(peer)
+        self._changed()
+        if self.run is not None:
+            self.run.joined(peer)
+        why = ""
+        try:
+            await chan.send(self._welcome())  # first; whatever joining queued follows it
+            with unwrap_group():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_loop, peer, outbox_recv, nursery.cancel_scope)
+                    await self._agent_messages(peer)
+                    nursery.cancel_scope.cancel()
+        except (PeerClosed, ProtocolError, OSError) as e:
+            why = f"agent for pid {peer.pid} ({peer.comm}) lost: {e}"
+        except Exception as e:
+            log.error("agent for pid %d: unexpected error: %s: %s", peer.pid,
+                      type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            why = f"agent for pid {peer.pid} ({peer.comm}) lost: {type(e).__name__}: {e}"
+        finally:
+            if not why and peer.send_error:
+                why = f"agent for pid {peer.pid} ({peer.comm}) lost: {peer.send_error}"
+            self.peers.remove(peer)
+            self._changed()
+            if self.run is not None:  # on every way out, cancellation included
+                self.run.lost(peer, why)
+                self.run.link.close_peer(peer)
+            for tracker in list(peer.delegated):  # (only if no run took them)
+                tracker.close()
+            os.close(pidfd)
+
+    async def _agent_messages(self, peer: Peer) -> None:
+        while True:
+            msg, fds = await peer.chan.receive()
+            run = self.run
+            if isinstance(msg, Fault):
+                if run is not None:
+                    run.fault(peer, msg)
+                else:
+                    self.wake(peer, msg.offset)  # stale: answered, never saved
+            elif isinstance(msg, Protected):
+                peer.mappings, peer.protect_ns = msg.mappings, msg.protect_ns
+                if run is not None:
+                    run.protected(peer, msg.snapshot)
+            elif isinstance(msg, Released):
+                peer.release_stats = msg
+                if run is not None:
+                    run.released(peer)
+                peer.released.set()
+            elif isinstance(msg, Delegate | FaultChannel):
+                self._lend(peer, msg, fds[0])
+            elif isinstance(msg, Tracked):
+                peer.pids = set(msg.pids)
+                if run is not None:
+                    run.policy.tracked(peer, msg.pids)
+                    run.changed_now()
+                self._changed()
+            elif isinstance(msg, Removed):
+                if run is not None:
+                    run.removed(list(msg.ranges))
+            elif isinstance(msg, Gone):
+                if run is not None:
+                    run.gone(peer, msg.reason)
+                return
+            elif isinstance(msg, Abort):
+                raise PeerClosed(f"agent aborted: {msg.reason}")
+
+    def _lend(self, peer: Peer, msg: Delegate | FaultChannel, fd: int) -> None:
+        """A uffd (delegated mode) or a fault channel (agents mode) for the running snapshot's
+        native core; with no snapshot running (or another one), nothing to serve: closed."""
+        check_lent_fd(msg, fd)  # the right kind of fd, or the connection ends
+        run = self.run
+        if run is None or (isinstance(msg, FaultChannel) and msg.snapshot != run.id):
+            os.close(fd)
+            return
+        if isinstance(msg, Delegate):
+            run.link.take_delegate(peer, msg, fd)
+        else:
+            run.link.take_channel(peer, fd)
+
+    def _changed(self) -> None:
+        self.peers_changed.set()
+        self.peers_changed = trio.Event()
+
+    # ---- what the snapshot driver asks of us -----------------------------------------------
+
+    def wake(self, peer: Peer, offset: int) -> None:
+        """Un-protect one page in one agent now (the faulting one; the others get it batched)."""
+        peer.post_nowait(Unprotect(((offset, self.page_size),)))
+
+    def maps_object_writable(self, pid: int) -> bool:
+        try:
+            return any(m.writable for m in mappings_of(pid, self.obj.object_id))
+        except OSError:
+            return False  # gone, or hidden from us: then it is no mapper we could track
+
+    def untracked_writers(self, tracked: set[int]) -> list[int]:
+        """Pids that map the object writable and are not in `tracked`."""
+        mappers = find_mappers(self.obj.object_id, exclude={os.getpid()})
+        return sorted(pid for pid, maps in mappers.items()
+                      if pid not in tracked and any(m.writable for m in maps))
+
+    async def attach(self, pids: list[int]) -> None:
+        """Start attach agents for `pids` and wait until each has joined or its process is gone."""
+        if not pids or self.attacher is None:
+            return
+        assert self._nursery is not None
+        agents = await self.attacher.start(pids, self._nursery)
+        await self.attacher.wait_joined(agents, lambda: {p.pid for p in self.peers},
+                                        lambda: self.peers_changed, self.join_timeout)
+
+    async def dismiss_attached(self) -> None:
+        """Send this snapshot's attach agents away (they release and exit) and reap them."""
+        if self.attacher is None or not self.attacher.agents:
+            return
+        for peer in list(self.peers):
+            if peer.pid in self.attacher.agents and peer.mode == "attach":
+                if not peer.post_nowait(Abort("snapshot over")):
+                    peer.chan.close()
+        await self.attacher.reap()
+
+    # ---- the snapshot ----------------------------------------------------------------------
+
+    async def snapshot(self, output: str, *, overwrite: bool = False) -> dict[str, Any]:
+        """Take one snapshot into `output`; return its summary or raise SnapshotFailed."""
+        async with self._snapshot_lock:
+            writer = ImageWriter(output, self.obj.size, self.page_size, overwrite=overwrite)
+            try:
+                core = SnapCore(self.obj.fd, writer.fd, self.obj.size, self.page_size)
+            except BaseException:
+                writer.abort()
+                raise
+            if self.test_hooks.get("unprotect_before_save"):  # wrong on purpose
+                core.set_test_flags(native_core.TEST_UNPROTECT_BEFORE_SAVE)
+            run = Run(self, self._next_id, writer, core)
+            self._next_id += 1
+            for peer in self.peers:
+                run.joined(peer)
+            self.run = run
+            try:
+                with unwrap_group():
+                    summary = await run.take()
+                writer.publish(manifest_fields(self.obj, summary))
+                return summary
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                self.run = None
+                core.close()
+
