@@ -2,7 +2,7 @@
 uffdsnap.native loads with ctypes) and the demo workload's writer program.
 
 Everything else about the package is in pyproject.toml. Test-only and bench-only C (helpers/)
-is not built here: tests and the bench compile it on demand (uffdsnap/devbuild.py).
+is not built here: tests and the bench compile it on demand (uffdsnap/testing/build.py).
 """
 
 from __future__ import annotations

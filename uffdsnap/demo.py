@@ -18,13 +18,13 @@ import trio
 
 from uffdsnap import native
 from uffdsnap import workload as wl
-from uffdsnap.cli.summary import ns_text, size_text
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.hosted import hosted
 from uffdsnap.image import verify
 from uffdsnap.native.libc import KernelError
 from uffdsnap.native.uffd import create_uffd
 from uffdsnap.procfs import open_object
+from uffdsnap.stats import ns_text, size_text
 
 NATIVE_WRITERS = 4
 ENLISTED_WRITERS = 2

@@ -7,14 +7,13 @@ are all found the same way, in every process, at every address and file offset.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
 import stat
 from dataclasses import dataclass
 
-from uffdsnap.native.libc import KernelError, libc
+from uffdsnap.native.libc import filesystem_type
 
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
@@ -229,20 +228,6 @@ def find_mappers(obj: ObjectId, exclude: set[int] | None = None) -> dict[int, li
         if maps:
             found[pid] = maps
     return found
-
-
-class _Statfs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long)] + [
-        ("rest", ctypes.c_byte * 104)
-    ]
-
-
-def filesystem_type(fd: int) -> int:
-    """statfs f_type of the filesystem holding open file `fd`."""
-    buf = _Statfs()
-    if libc.fstatfs(fd, ctypes.byref(buf)) < 0:
-        raise KernelError("fstatfs", ctypes.get_errno(), f"fd={fd}")
-    return buf.f_type & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)

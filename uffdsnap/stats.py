@@ -66,3 +66,23 @@ class LatencyHistogram:
     def summary(self) -> dict[str, int]:
         return {"count": self.total, "p50_ns": self.percentile(50),
                 "p99_ns": self.percentile(99), "max_ns": self.max_ns}
+
+
+def size_text(n: float) -> str:
+    """Bytes for people: 1536 -> "1.5 KiB" (exact counts stay in --json)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def ns_text(ns: float) -> str:
+    """Nanoseconds for people: 1500000 -> "1.5 ms"."""
+    if ns < 1_000:
+        return f"{ns:.0f} ns"
+    if ns < 1_000_000:
+        return f"{ns / 1e3:.0f} µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.1f} ms"
+    return f"{ns / 1e9:.2f} s"

@@ -181,6 +181,8 @@ class BenchObject:
 
 
 def create_object(ws: Workspace, kind: str, size: int) -> BenchObject:
+    """A memfd of `kind` (hugetlb: rounded up to whole huge pages), filled by bench_writer --fill
+    with non-zero data, so that no copy can skip a zero page."""
     flags = os.MFD_CLOEXEC
     if kind == "hugetlb":
         flags |= os.MFD_HUGETLB | (21 << os.MFD_HUGE_SHIFT)
@@ -213,6 +215,8 @@ def close_object(ws: Workspace, obj: BenchObject) -> None:
 
 @dataclass
 class Writer:
+    """A bench_writer process and the log it writes at exit (None when idle: it logs nothing)."""
+
     proc: subprocess.Popen[str]
     log: str | None
 
@@ -245,6 +249,8 @@ def _expect(proc: subprocess.Popen[str], word: str, what: str,
 
 def start_writers(ws: Workspace, obj: BenchObject, n: int, *, rate: float | None, probe: bool,
                   idle: bool, uffd_sock: str | None, max_seconds: int) -> list[Writer]:
+    """Start `n` bench_writers on `obj` (the rate is shared among them) and wait until each
+    has mapped and prefaulted it; with `uffd_sock` each first hands its uffd to the handler."""
     binary = str(devbuild.build("bench_writer"))
     writers = []
     for i in range(n):
@@ -370,6 +376,8 @@ def plain_copy(ws: Workspace, obj: BenchObject) -> dict[str, Any]:
 
 @dataclass
 class Handler:
+    """The native reference handler (bench_handler): the baseline for fault service and copy."""
+
     proc: subprocess.Popen[str]
     sock: str
     dest: str

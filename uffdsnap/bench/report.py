@@ -135,6 +135,8 @@ def _row(scenario: str, ours: float | None, baseline: float | None, baseline_nam
 
 
 def table(sc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the summary table: each of our numbers beside its baseline, with the ratio
+    and whether it meets its target (DESIGN §6)."""
     rows: list[dict[str, Any]] = []
     for r in sc["start_pause"]:
         where = f"{r['kind']} {size_label(r['size'])} x{r['procs']}, {r['mode']}"
@@ -224,6 +226,7 @@ def _met(m: bool | None) -> str:
 
 
 def render_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The summary table as text (aligned columns, or a markdown table)."""
     head = ["scenario", "ours", "baseline", "ratio", "target", "met"]
     body = []
     for r in rows:
@@ -235,6 +238,7 @@ def render_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
 
 
 def render_scaling(sc: dict[str, Any], markdown: bool = False) -> str:
+    """How each cost grows with object size and process count, one row per scaling session."""
     head = ["object", "procs", "mode", "kernel protect", "ours: protect phase", "ours: start pause",
             "stop-the-world", "ours copy", "raw copy", "coord CPU", "coord RSS", "agents CPU"]
     body = []

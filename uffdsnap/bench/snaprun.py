@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from typing import Any
 
 import trio
 
 from uffdsnap.bench.config import MODES
-from uffdsnap.coordinator import Coordinator
 from uffdsnap.errors import SnapshotFailed, UserError
-from uffdsnap.groups import unwrap_group
-from uffdsnap.hosted import listen
+from uffdsnap.hosted import attach_and_snapshot
 from uffdsnap.procfs import ObjectError, SharedObject, open_object
 
 
@@ -45,20 +41,8 @@ def clock_offset_ns() -> int:
 
 
 async def snapshot(obj: SharedObject, output: str, mode: str, timeout: float) -> dict[str, Any]:
-    """attach_and_snapshot(), with Coordinator(**MODES[mode])."""
-    with tempfile.TemporaryDirectory(prefix="uffdsnap-bench-") as tmp:
-        path = os.path.join(tmp, "coordinator.sock")
-        listener = await listen(path)
-        coordinator = Coordinator(obj, protect_timeout=timeout, attach_path=path, **MODES[mode])
-        try:
-            with unwrap_group():
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(coordinator.serve, listener)
-                    summary = await coordinator.snapshot(output)
-                    nursery.cancel_scope.cancel()
-        finally:
-            listener.close()
-    return summary
+    """`uffdsnap snapshot --shm` (hosted.attach_and_snapshot) in the given mode."""
+    return await attach_and_snapshot(obj, output, protect_timeout=timeout, **MODES[mode])
 
 
 def _cpu_s(ru: resource.struct_rusage) -> float:
@@ -76,6 +60,7 @@ def peak_rss_bytes() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Take one snapshot and print the JSON result; exit 2 for a bad object, 1 if it failed."""
     parser = argparse.ArgumentParser(prog="python -m uffdsnap.bench.snaprun")
     parser.add_argument("--object", required=True)
     parser.add_argument("--output", required=True)

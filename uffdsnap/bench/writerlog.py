@@ -25,6 +25,9 @@ class LogError(ValueError):
 
 @dataclass
 class WriterLog:
+    """One bench_writer's log: its per-interval throughput, its stalls, and (with --probe-wp)
+    the latency of each store that took a write-protect fault."""
+
     pid: int
     start_ns: int
     interval_ns: int
@@ -63,6 +66,7 @@ def parse_log(raw: bytes) -> WriterLog:
 
 
 def read_log(path: str) -> WriterLog:
+    """The log a writer wrote at exit; LogError if it never wrote one (it died first)."""
     try:
         with open(path, "rb") as f:
             return parse_log(f.read())
@@ -88,7 +92,7 @@ def distribution(values: list[int]) -> dict[str, int]:
 class Fleet:
     """The logs of every writer of one session, asked about windows [a, b] of monotonic time."""
 
-    def __init__(self, logs: list[WriterLog]):
+    def __init__(self, logs: list[WriterLog]) -> None:
         self.logs = logs
         self.slow = sorted(x for log in logs for x in log.slow)
         self.slow_t = [t for t, _ in self.slow]

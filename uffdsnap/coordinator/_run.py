@@ -164,8 +164,9 @@ class Run:
         finally:
             with trio.CancelScope(shield=True):
                 await self._release()
+                facts = self._final_facts()  # before attach agents leave (and pidfds close)
                 await coord.dismiss_attached()
-        self._verdict()
+        self._verdict(*facts)
         return self._summary()
 
     def _peer_pids(self) -> set[int]:
@@ -253,17 +254,25 @@ class Run:
         self.policy.released(peer, stats.escapes if stats else ())
         peer.released.set()
 
-    def _verdict(self) -> None:
+    def _final_facts(self) -> tuple[dict[Peer, bool], list[str]]:
+        """What the verdict needs from the world once everyone has released: whose processes
+        still live, and which writable mappers have no agent."""
         coord = self.coord
-        skip_checks = coord.test_hooks.get("no_protect") or coord.test_hooks.get(
-            "ignore_late_mappers")
         alive = {p: p.any_alive() for p in self.policy.members}  # type: ignore[attr-defined]
-        untracked = [] if skip_checks else [
-            _name(p) for p in coord.untracked_writers(self.policy.tracked_pids())]
-        if coord.test_hooks.get("no_protect"):
+        skip = coord.test_hooks.get("no_protect") or coord.test_hooks.get("ignore_late_mappers")
+        untracked = [] if skip else [_name(p) for p in coord.untracked_writers(
+            {pid for p, lives in alive.items() if lives for pid in p.pids}
+            | self.policy.tracked_pids())]
+        return alive, untracked
+
+    def _verdict(self, alive: dict[Peer, bool], untracked: list[str]) -> None:
+        for peer, lives in alive.items():
+            if not lives:  # exited during the snapshot, before its agent could say so
+                self.policy.gone(peer, "process exited")
+        if self.coord.test_hooks.get("no_protect"):
             for member in self.policy.members.values():
                 member.reported, member.escapes = True, ()
-        failure = self.policy.verdict(alive, untracked)
+        failure = self.policy.verdict(alive, untracked)  # type: ignore[arg-type]
         if failure:
             raise SnapshotFailed(failure)
 

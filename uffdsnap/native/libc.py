@@ -78,3 +78,17 @@ def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.c_void_p | int |
         err = ctypes.get_errno()
         raise KernelError(call, err, detail, hints.get(err) if hints else None)
     return ret
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long)] + [
+        ("rest", ctypes.c_byte * 104)
+    ]
+
+
+def filesystem_type(fd: int) -> int:
+    """statfs f_type of the filesystem holding open file `fd`."""
+    buf = _Statfs()
+    if libc.fstatfs(fd, ctypes.byref(buf)) < 0:
+        raise KernelError("fstatfs", ctypes.get_errno(), f"fd={fd}")
+    return buf.f_type & 0xFFFFFFFF

@@ -1,1 +1,2 @@
-"""What only tests and the bench use: building the test and bench helper programs (helpers/)."""
+"""For tests and `uffdsnap bench` only, never the snapshot path: building their helper
+programs from helpers/ in a source checkout (build.py)."""

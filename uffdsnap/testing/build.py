@@ -1,6 +1,10 @@
-"""Build the test and bench helper programs (helpers/*.c) with the system C compiler, on demand,
-cached. Only tests and `uffdsnap bench` use these, from a source checkout; the product's own C
-(uffdsnap/native/src) is built by the build backend into the package and never here.
+"""For tests and `uffdsnap bench` only: compile their helper programs (helpers/*.c) at run time.
+
+Nothing on the snapshot path may import this module. The helpers are test and bench C (test
+workloads, the bench's writer and its reference fault handler) that exist only in a source
+checkout; they are compiled with the system C compiler on demand and cached. The product's own
+C (uffdsnap/native/src: the native core and the uffdsnap-writer program) is compiled by setup.py
+into the package at install time and is never built here.
 
 `build("lifecycle")` returns the path of an executable compiled from helpers/lifecycle.c (which
 may include the product's headers, uffdsnap/native/src/*.h). The binary is cached under a name
@@ -30,7 +34,8 @@ LIBS: tuple[str, ...] = ("-lm",)
 
 
 def helpers_dir() -> Path:
-    """The helpers/ directory of the source tree this package was installed from (editable)."""
+    """The helpers/ directory (test and bench C) of the source checkout this package was
+    installed from (editable); UserError in an installed wheel, which ships no helpers."""
     path = Path(__file__).resolve().parents[2] / "helpers"
     if not path.is_dir():
         raise UserError(f"test and bench helper sources not found at {path}: they come with a "
@@ -39,7 +44,8 @@ def helpers_dir() -> Path:
 
 
 def product_headers_dir() -> Path:
-    """The product's C headers, which helpers may include (the workload layout, util.h)."""
+    """The product's C headers, which helpers may include (the workload layout, util.h): the
+    test writers must agree with the shipped writer on the layout."""
     return Path(__file__).resolve().parents[1] / "native" / "src"
 
 
@@ -98,7 +104,8 @@ def _build_key(cc: str, source: Path, flags: tuple[str, ...]) -> str:
 
 
 def build(name: str) -> Path:
-    """Compile helpers/<name>.c (unless an up-to-date cached binary exists); return its path.
+    """Compile the test or bench helper helpers/<name>.c (unless an up-to-date cached binary
+    exists); return its path. Never for the product's C, which setup.py builds into the package.
 
     Raises UserError, one line, when the source is missing, there is no compiler, or it fails.
     """

@@ -8,6 +8,7 @@ from typing import Any
 
 from uffdsnap.cli.output import emit
 from uffdsnap.image import info
+from uffdsnap.stats import size_text
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -21,14 +22,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def size_text(n: int) -> str:
-    """Bytes for people: 1536 -> "1.5 KiB" (exact count kept in --json)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _safe(value: Any) -> str:

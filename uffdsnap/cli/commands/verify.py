@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from uffdsnap.cli.commands.info import size_text
 from uffdsnap.cli.output import emit, error_line
 from uffdsnap.image import verify
+from uffdsnap.stats import size_text
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,9 +1,9 @@
-"""Measure the negative controls' detection rates: run tests/test_controls.py (and the other
+"""Measure the negative controls' detection rates: run tests/system/test_controls.py (and the other
 controls) N times and tally, per test, how often it passed. A control passes when the bug it
 plants was caught in its one snapshot, so its pass rate is its detection rate per snapshot; a
 positive twin's pass rate is one minus its false-alarm rate.
 
-    python tests/measure_controls.py --runs 20 > rates.md
+    python tests/system/measure_controls.py --runs 20 > rates.md
 
 Prints a markdown table (docs/testing.md records one)."""
 
@@ -16,8 +16,8 @@ import subprocess
 import sys
 import time
 
-TARGETS = ["tests/test_controls.py",
-           "tests/test_snapshot.py::test_copy_without_protection_is_caught"]
+TARGETS = ["tests/system/test_controls.py",
+           "tests/system/test_snapshot.py::test_copy_without_protection_is_caught"]
 
 
 def main() -> int:

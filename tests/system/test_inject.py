@@ -42,7 +42,7 @@ SYS_GETTID = 186
 NOBODY = 65534
 DEADLINE = 20.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0,

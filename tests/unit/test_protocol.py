@@ -250,7 +250,8 @@ def test_random_structured_messages_are_checked(kind: str, fields: dict[str, obj
 def test_fault_channel_golden_frames() -> None:
     """The fault channel's fixed encoding: the codec writes the golden bytes, reads them back,
     refuses the same message in another msgpack shape, and the general decoder accepts them
-    (they are protocol messages). tests/test_snapcore.py feeds the same bytes to the C core."""
+    (they are protocol messages). tests/system/test_snapcore.py feeds the same bytes to the C
+    core."""
     from uffdsnap.protocol import faultchannel as fc
 
     fault, fault_bytes = fc.GOLDEN["fault"]

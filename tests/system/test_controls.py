@@ -6,7 +6,7 @@ broken on purpose by a test hook (uffdsnap/testhooks.py) and asserts that the sa
 Each scenario is made deterministic by events, not by luck: the coordinator or an agent is held
 at a point of the snapshot (a test hook) while the writers are shown, through /proc and their
 own counters, to be blocked or to have moved on by whole passes over their pages. A control's
-detection rate per snapshot is measured by tests/measure_controls.py and recorded in
+detection rate per snapshot is measured by tests/system/measure_controls.py and recorded in
 docs/testing.md.
 """
 
