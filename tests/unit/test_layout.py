@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "uffdsnap"
+import uffdsnap
+
+PACKAGE = Path(uffdsnap.__file__).resolve().parent  # the one under test, wherever installed
 
 
 def _module_name(path: Path) -> str:
