@@ -64,8 +64,12 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
         with unwrap_group():
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.serve, listener)
-                yield Host(coordinator, socket_path)
-                nursery.cancel_scope.cancel()
+                try:
+                    yield Host(coordinator, socket_path)
+                finally:
+                    nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await coordinator.aclose()
 
 
 async def attach_and_snapshot(obj: SharedObject, output: str, *, overwrite: bool = False,

@@ -7,6 +7,7 @@ holds a copy of each uffd and un-protects directly.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import time
@@ -161,11 +162,12 @@ class Tracker:
         self.refresh()
         if not self.protected:
             return
+        registered = Union(self.registered)
         self.escapes += [f"pid {self.pid} mapped the object at {m.start:#x}-{m.end:#x} anew "
                          "during the snapshot (an mremap that grew it, or a new mapping): "
                          "writes there were not tracked"
                          for m in self.mappings
-                         if m.writable and not covered(m.start, m.end, self.registered)]
+                         if m.writable and not registered.covers(m.start, m.end)]
 
     def offset_of(self, address: int) -> int | None:
         """Page-aligned object offset of a faulting address, None if outside every mapping."""
@@ -256,12 +258,26 @@ def _cut(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int,
     return out
 
 
+class Union:
+    """The union of address ranges, merged once, for many questions: O(log n) each (a process
+    may have tens of thousands of mappings)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        merged: list[list[int]] = []
+        for a, b in sorted(ranges):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.starts = [a for a, _ in merged]
+        self.ends = [b for _, b in merged]
+
+    def covers(self, start: int, end: int) -> bool:
+        """True if [start, end) lies inside the union."""
+        i = bisect.bisect_right(self.starts, start) - 1
+        return i >= 0 and self.ends[i] >= end
+
+
 def covered(start: int, end: int, ranges: list[tuple[int, int]]) -> bool:
-    """True if [start, end) lies inside the union of `ranges`."""
-    pos = start
-    for a, b in sorted(ranges):
-        if a <= pos < b:
-            pos = b
-        if pos >= end:
-            return True
-    return pos >= end
+    """True if [start, end) lies inside the union of `ranges` (for one question; many: Union)."""
+    return Union(ranges).covers(start, end)

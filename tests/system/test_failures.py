@@ -66,7 +66,7 @@ def test_coordinator_killed(phase: str, shm_path: str, writers: list[wl.WriterPr
     out = str(tmp_path / "x.img")
     proc = paused_snapshot(shm_path, out, phase)
     agents = children_agents(proc.pid)
-    assert len(agents) == 4
+    assert len(agents) == 1  # one agent host, the agent of all 4 writers
     assert_held_if_protecting(phase, writers)
     proc.kill()
     proc.wait()
@@ -477,47 +477,43 @@ async def test_garbage_while_writers_are_protected(shm_path: str, tmp_path: Path
         stop_writers(shm_path, ws)
 
 
-def _attach_target(agent: int) -> int | None:
-    """The pid an `uffdsnap agent --attach PID` process was started for."""
-    with open(f"/proc/{agent}/cmdline", "rb") as f:
-        argv = f.read().decode().split("\0")
-    return int(argv[argv.index("--attach") + 1]) if "--attach" in argv else None
-
-
 async def test_stopped_agent(shm_path: str, tmp_path: Path) -> None:
-    """An attach agent stopped (SIGSTOP) mid-copy: the other processes' faults are still served
-    (they run whole passes meanwhile); the snapshot fails, naming it, and ends with the stopped
-    agent killed, which releases its writer too: every writer resumes."""
+    """The agent host is stopped (SIGSTOP) mid-copy while an enlisted writer's agent (another
+    process) is not: the enlisted writer's faults are still served (it runs whole passes
+    meanwhile); the snapshot fails, naming the stopped agents' processes; the coordinator kills
+    the host that stopped answering, which releases its writers too: every writer resumes."""
     import trio
 
     from conftest import running_coordinator
     from procutil import await_until
 
     make_workload(shm_path, 3, data_pages=256)
-    ws = start_writers(shm_path, native=3)
     stopped: list[int] = []
+    ws: list[wl.WriterProcess] = []
     try:
-        async with running_coordinator(shm_path, tmp_path) as (coordinator, _):
+        async with running_coordinator(shm_path, tmp_path) as (coordinator, sock):
+            ws = await trio.to_thread.run_sync(
+                lambda: start_writers(shm_path, native=2, enlisted=1, enlist=sock))
+
             async def during_copy() -> None:
-                [agent] = [a for a in children_agents(os.getpid())
-                           if _attach_target(a) == ws[0].pid]
-                os.kill(agent, signal.SIGSTOP)
-                stopped.append(agent)
+                host = coordinator.attacher.host_pid
+                os.kill(host, signal.SIGSTOP)
+                stopped.append(host)
                 base = wl.read_live_seqs(shm_path)
-                await await_until(lambda: all(wl.read_live_seqs(shm_path)[i] >= base[i] + 512
-                                              for i in (1, 2)),
-                                  "the other writers to keep being served")
+                await await_until(lambda: wl.read_live_seqs(shm_path)[2] >= base[2] + 512,
+                                  "the enlisted writer to keep being served")
 
             coordinator.test_hooks["at_phase"] = {"copying": during_copy}
             with trio.fail_after(60):
                 why = await _snapshot_outcome(coordinator, str(tmp_path / "x.img"))
-        assert why and str(ws[0].pid) in why, (why, stopped, ws[0].pid, LAST_SUMMARY)
-        assert_writers_resume(shm_path, ws)
-        wait_gone(stopped)
+            assert why and str(ws[0].pid) in why, (why, stopped, LAST_SUMMARY)
+            wait_gone(stopped)  # killed by the coordinator
+            assert_writers_resume(shm_path, ws)
     finally:
         for pid in stopped:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        stop_writers(shm_path, ws)
+        if ws:
+            stop_writers(shm_path, ws)

@@ -54,18 +54,20 @@ async def _join(chan: Channel, pid: int, mode: str) -> Welcome:
 
 async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
                     on_joined: Callable[[], None] | None = None,
-                    test_hooks: testhooks.Hooks | None = None) -> str:
+                    test_hooks: testhooks.Hooks | None = None,
+                    handle_signals: bool = True) -> str:
     """Track process `pid` through `uffd` (which this call now owns) for `coordinator`.
 
     Returns why it ended ("process exited", "coordinator closed the connection", ...). Whatever
     happens, every tracked process is left un-protected and unregistered and every uffd closed.
+    (`handle_signals`: end on SIGTERM/SIGINT/SIGHUP; an agent host handles them once for all.)
     """
     try:
         pidfd = pidfd_open(pid)
     except BaseException:
         os.close(uffd)
         raise
-    agent = Agent(pid, test_hooks)
+    agent = Agent(pid, test_hooks, handle_signals=handle_signals)
     try:
         negotiate(uffd)
         snapcore.load()  # now, not inside a protect phase, where writers may be waiting

@@ -50,8 +50,10 @@ class Agent:
     """The trackers of one agent (its process and descendants forked while protected) and the
     tasks that serve them: one fault reader and one exit watcher per process."""
 
-    def __init__(self, pid: int, test_hooks: testhooks.Hooks | None = None):
+    def __init__(self, pid: int, test_hooks: testhooks.Hooks | None = None,
+                 handle_signals: bool = True):
         self.pid = pid
+        self._handles_signals = handle_signals
         self.trackers: list[Tracker] = []
         self.log = FaultLog()
         self.ended: list[str] = []
@@ -115,7 +117,8 @@ class Agent:
                 for tracker in self.trackers:
                     nursery.start_soon(self._read_faults, tracker)
                     nursery.start_soon(self._watch_exit, tracker)
-                nursery.start_soon(self._handle_signals)
+                if self._handles_signals:
+                    nursery.start_soon(self._handle_signals)
                 await self._messages(chan)
                 nursery.cancel_scope.cancel()
         finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from uffdsnap.procfs import mappings_of, wp_registered_ranges
-from uffdsnap.tracker import covered
+from uffdsnap.tracker import Union
 
 if TYPE_CHECKING:
     from uffdsnap.agent._agent import Agent
@@ -29,11 +29,12 @@ def audit(agent: Agent) -> list[str]:
             continue  # gone: nothing of it can write any more
         # ours: inside what we registered, and registered as the kernel sees it (after an
         # exec, or munmap+mmap at the same address, our table matches and the kernel's not)
+        ours = Union(tracker.registered if tracker else [])
+        kernels = Union(in_kernel)
         found += [f"pid {pid} maps the object at {m.start:#x}-{m.end:#x} (offset "
                   f"{m.offset:#x}) writable without write-protection ("
                   + ("its tracking was lost" if tracker is None else
                      "a mapping that grew, or appeared after an exec or mmap") + ")"
                   for m in maps
-                  if tracker is None or not covered(m.start, m.end, tracker.registered)
-                  or not covered(m.start, m.end, in_kernel)]
+                  if not (ours.covers(m.start, m.end) and kernels.covers(m.start, m.end))]
     return found

@@ -1,8 +1,11 @@
-"""Starting and reaping `uffdsnap agent --attach PID` processes for a coordinator.
+"""Attaching agents to processes that map the object and have none.
 
-Each agent is a separate process (never a thread of ours: it must be able to die alone, and its
-death is what releases its target). The coordinator asks for agents for the untracked writable
-mappers it finds, waits until each has joined or its target has gone, and reaps them afterwards.
+One agent host process per coordinator (`uffdsnap agent --host`, agent/_host.py), started when
+first needed and kept for the coordinator's life: it is asked for targets line by line and
+answers line by line; each target's agent then joins our socket like any other. An interpreter
+starts once, not per target, so attaching costs an injection and a handshake. The host is a
+separate process (never a thread of ours): its death, and only that, releases its targets, and
+the coordinator kills it when one of its agents stops answering.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -21,15 +24,14 @@ from uffdsnap.procfs import process_running
 
 log = logging.getLogger(__name__)
 
-AGENT_EXIT_TIMEOUT_S = 10.0
 
+@dataclass(eq=False)
+class Target:
+    """A process we asked the host to attach to."""
 
-@dataclass
-class AgentProcess:
-    target: int
-    process: trio.Process
-    stderr: list[str] = field(default_factory=list)
-    exited: trio.Event = field(default_factory=trio.Event)
+    pid: int
+    ended: trio.Event = field(default_factory=trio.Event)  # failed, or its agent ended
+    reason: str = ""
 
 
 def agent_command(coordinator: str, *args: str) -> list[str]:
@@ -39,84 +41,121 @@ def agent_command(coordinator: str, *args: str) -> list[str]:
 
 
 class Attacher:
-    """The attach agents one coordinator has started, by target pid."""
+    """The agent host of one coordinator and the targets it was asked for."""
 
     def __init__(self, coordinator_path: str, test_hooks: testhooks.Hooks | None = None):
         self.coordinator_path = coordinator_path
-        self.agents: dict[int, AgentProcess] = {}
-        self.test_hooks = test_hooks  # passed on to every agent (tests only)
+        self.test_hooks = test_hooks  # passed on to the host's agents (tests only)
+        self.targets: dict[int, Target] = {}
+        self.host: trio.Process | None = None
+        self._host_gone = trio.Event()
+        self._last_error = ""
 
-    async def start(self, pids: list[int], nursery: trio.Nursery) -> list[AgentProcess]:
-        """Start an agent for each pid that has none running; return the new ones."""
-        started = []
-        for pid in pids:
-            old = self.agents.get(pid)
-            if old is not None and not old.exited.is_set():
-                continue
-            proc = await trio.lowlevel.open_process(
-                agent_command(self.coordinator_path, "--attach", str(pid),
-                              *testhooks.argv(self.test_hooks)),
-                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            agent = AgentProcess(pid, proc)
-            self.agents[pid] = agent
-            nursery.start_soon(_watch, agent)
-            started.append(agent)
-        return started
+    @property
+    def host_pid(self) -> int | None:
+        return self.host.pid if self.host is not None else None
 
-    async def wait_joined(self, agents: list[AgentProcess], joined: Callable[[], set[int]],
+    async def start(self, pids: list[int], nursery: trio.Nursery) -> list[Target]:
+        """Ask for an agent for each pid that has none coming; return the new targets."""
+        new = [Target(pid) for pid in pids
+               if pid not in self.targets or self.targets[pid].ended.is_set()]
+        if not new:
+            return []
+        host = await self._ensure_host(nursery)
+        for target in new:
+            self.targets[target.pid] = target
+        assert host.stdin is not None
+        try:
+            await host.stdin.send_all("".join(f"attach {t.pid}\n" for t in new).encode())
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            for target in new:
+                self._end(target, f"the agent host is gone ({e})")
+        return new
+
+    async def wait_joined(self, targets: list[Target], joined: Callable[[], set[int]],
                           changed: Callable[[], trio.Event], timeout: float) -> None:
-        """Until each agent's target has joined or exited; SnapshotFailed if an agent died
-        while its target lives, or the wait outlasts `timeout`."""
+        """Until each target has joined or exited; SnapshotFailed if attaching failed while
+        the target lives, or the wait outlasts `timeout`."""
         with trio.move_on_after(timeout):
             while True:
-                waiting = []
                 have = joined()
-                for agent in agents:
-                    if agent.target in have:
+                waiting = []
+                for target in targets:
+                    if target.pid in have:
                         continue
-                    if agent.exited.is_set():
-                        if process_running(agent.target):
-                            raise SnapshotFailed(f"cannot attach to pid {agent.target}: "
-                                                 f"{_why(agent)}")
-                        continue  # the target exited before we got to it
-                    waiting.append(agent)
+                    if target.ended.is_set():
+                        if process_running(target.pid):
+                            raise SnapshotFailed(f"cannot attach to pid {target.pid}: "
+                                                 f"{target.reason}")
+                        continue  # it exited before we got to it
+                    waiting.append(target)
                 if not waiting:
                     return
-                await _first_of([changed()] + [a.exited for a in waiting])
-        raise SnapshotFailed(f"agents for pids {[a.target for a in agents]} did not join "
+                await _first_of([changed()] + [t.ended for t in waiting])
+        raise SnapshotFailed(f"agents for pids {[t.pid for t in targets]} did not join "
                              f"within {timeout:g} s")
 
-    async def reap(self) -> None:
-        """Wait (bounded) for every agent to exit; kill the ones that do not."""
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(AGENT_EXIT_TIMEOUT_S):
-                for agent in self.agents.values():
-                    await agent.exited.wait()
-            for agent in self.agents.values():
-                if agent.process.returncode is None:
-                    agent.process.kill()  # its uffd closes with it: the target is released
-                    await agent.process.wait()
-        self.agents.clear()
+    def kill_host(self, why: str) -> None:
+        """One of the host's agents stopped answering: kill the host, which releases every
+        target it holds (they are attached anew next time)."""
+        if self.host is not None and self.host.returncode is None:
+            log.warning("killing the agent host (pid %d): %s", self.host.pid, why)
+            self.host.kill()
+
+    async def aclose(self) -> None:
+        """We are done: the host sees its stdin close, lets every target go and exits (nobody
+        waits for it: it needs nothing from us)."""
+        if self.host is not None and self.host.stdin is not None:
+            await self.host.stdin.aclose()
+
+    async def _ensure_host(self, nursery: trio.Nursery) -> trio.Process:
+        if self.host is not None and not self._host_gone.is_set():
+            return self.host
+        self._host_gone = trio.Event()
+        self.host = await trio.lowlevel.open_process(
+            agent_command(self.coordinator_path, "--host", *testhooks.argv(self.test_hooks)),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        nursery.start_soon(self._read_answers, self.host, self._host_gone)
+        nursery.start_soon(self._read_errors, self.host)
+        return self.host
+
+    async def _read_answers(self, host: trio.Process, gone: trio.Event) -> None:
+        assert host.stdout is not None
+        try:
+            async for line in _lines(host.stdout):
+                word, _, rest = line.partition(" ")
+                pid_text, _, reason = rest.partition(" ")
+                target = self.targets.get(int(pid_text)) if pid_text.isdigit() else None
+                if word in ("failed", "ended") and target is not None:
+                    self._end(target, reason or word)
+            await host.wait()  # (its stdout closed: it is exiting)
+        finally:  # exited, or we are shutting down (then nobody waits for it: it needs nothing)
+            gone.set()
+            for target in list(self.targets.values()):
+                self._end(target, self._last_error or "the agent host exited "
+                          f"(status {host.returncode})")
+
+    async def _read_errors(self, host: trio.Process) -> None:
+        assert host.stderr is not None
+        async for line in _lines(host.stderr):
+            self._last_error = line.removeprefix("uffdsnap: ").removeprefix("error: ")
+            log.warning("[agent host %d] %s", host.pid, line)
+
+    def _end(self, target: Target, reason: str) -> None:
+        if not target.ended.is_set():
+            target.reason = reason
+            target.ended.set()
+        if self.targets.get(target.pid) is target:
+            del self.targets[target.pid]
 
 
-def _why(agent: AgentProcess) -> str:
-    if agent.stderr:
-        return agent.stderr[-1].removeprefix("uffdsnap: error: ")
-    return f"agent exit status {agent.process.returncode}"
-
-
-async def _watch(agent: AgentProcess) -> None:
-    assert agent.process.stderr is not None
-    try:
-        async for chunk in agent.process.stderr:
-            lines = chunk.decode(errors="replace").splitlines()
-            agent.stderr.extend(lines)
-            for line in lines:  # an agent writes only when something is wrong: pass it on
-                log.warning("[agent for pid %d] %s", agent.target, line)
-        with trio.CancelScope(shield=True):
-            await agent.process.wait()
-    finally:
-        agent.exited.set()
+async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
+    buf = b""
+    while data := await stream.receive_some(4096):
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode(errors="replace").rstrip()
 
 
 async def _first_of(events: list[trio.Event]) -> None:

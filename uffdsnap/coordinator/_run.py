@@ -164,8 +164,7 @@ class Run:
         finally:
             with trio.CancelScope(shield=True):
                 await self._release()
-                facts = self._final_facts()  # before attach agents leave (and pidfds close)
-                await coord.dismiss_attached()
+                facts = self._final_facts()
         self._verdict(*facts)
         return self._summary()
 
@@ -248,6 +247,8 @@ class Run:
         with trio.move_on_after(RELEASE_TIMEOUT_S):
             for peer in list(self.policy.members):
                 await peer.released.wait()  # type: ignore[attr-defined]
+        self.coord.stuck_agents([p for p in self.policy.members  # type: ignore[misc]
+                                 if not p.released.is_set()])  # type: ignore[attr-defined]
 
     def released(self, peer: Peer) -> None:
         stats = peer.release_stats

@@ -261,15 +261,20 @@ class Coordinator:
         await self.attacher.wait_joined(agents, lambda: {p.pid for p in self.peers},
                                         lambda: self.peers_changed, self.join_timeout)
 
-    async def dismiss_attached(self) -> None:
-        """Send this snapshot's attach agents away (they release and exit) and reap them."""
-        if self.attacher is None or not self.attacher.agents:
-            return
-        for peer in list(self.peers):
-            if peer.pid in self.attacher.agents and peer.mode == "attach":
-                if not peer.post_nowait(Abort("snapshot over")):
-                    peer.chan.close()
-        await self.attacher.reap()
+    def stuck_agents(self, peers: list[Peer]) -> None:
+        """These agents did not release in time. Attach agents are ours to end: their host is
+        killed, which releases every target it holds (they are attached anew next time).
+        (An enlisted agent belongs to its workload; its connection is closed, which tells it.)"""
+        for peer in peers:
+            if peer.mode == "attach" and self.attacher is not None:
+                self.attacher.kill_host(f"the agent for pid {peer.pid} did not release")
+            else:
+                peer.chan.close()
+
+    async def aclose(self) -> None:
+        """Let the attach agents go (their host exits once the last one has released)."""
+        if self.attacher is not None:
+            await self.attacher.aclose()
 
     # ---- the snapshot ----------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""`uffdsnap agent`: track one process for a coordinator (attach by injection, or enlisted)."""
+"""`uffdsnap agent`: track processes for a coordinator: many, as the host a coordinator starts
+for attaching (`--host`), one attached by injection (`--attach`), or one that enlists."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--attach", type=int, metavar="PID",
                      help="inject userfaultfd() into unmodified process PID (ptrace)")
+    how.add_argument("--host", action="store_true",
+                     help="attach the processes named on stdin (`attach PID` lines), answering "
+                          "on stdout; what a coordinator runs to attach")
     how.add_argument("--listen", metavar="PATH",
                      help="wait on Unix socket PATH for one workload to enlist (send its uffd)")
     how.add_argument("--enlist-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
@@ -29,6 +33,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     hooks = testhooks.parse(args.test_hooks)
+    if args.host:
+        from uffdsnap.agent._host import run_host
+
+        trio.run(run_host, args.coordinator, hooks, _say)
+        return 0
     if args.attach is not None:
         return _attach(args.coordinator, args.attach, hooks)
     if args.listen:
@@ -47,6 +56,11 @@ def _attach(coordinator: str, pid: int, hooks: testhooks.Hooks) -> int:
     uffd, _route = create_uffd_in(pid)
     reason = trio.run(lambda: run_agent(coordinator, pid, uffd, "attach", test_hooks=hooks))
     return _ended(reason)
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _accept_one(path: str) -> socket.socket:
