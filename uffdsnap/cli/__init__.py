@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("uffdsnap.cli.commands.verify", "check an image against its manifest"),
     "info": ("uffdsnap.cli.commands.info", "show what an image's manifest records"),
     "restore": ("uffdsnap.cli.commands.restore", "write an image's bytes back to a file or object"),
+    "receive": ("uffdsnap.cli.commands.receive", "receive a snapshot streamed from another host"),
     "demo": ("uffdsnap.cli.commands.demo",
              "snapshot an embedded multi-process workload, end to end"),
     "bench": ("uffdsnap.cli.commands.bench", "measure snapshots against the baselines"),
