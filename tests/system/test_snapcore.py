@@ -8,6 +8,7 @@ it. Fault-channel frames are checked against the Python protocol decoder, byte f
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
@@ -346,7 +347,276 @@ def test_abi_header_and_binding_agree() -> None:
     defines = dict(re.findall(r"#define (SC_\w+) (\w+)", header))
     assert int(defines["SC_ABI_VERSION"]) == binding.ABI_VERSION
     assert int(defines["SC_TEST_UNPROTECT_BEFORE_SAVE"]) == binding.TEST_UNPROTECT_BEFORE_SAVE
-    kinds = dict(re.findall(r"(SC_EVENT|SC_GONE|SC_FAILED|SC_UNPROTECT) = (\d+)", header))
+    assert int(defines["SC_FAULT_DEADLINE_MS"]) == binding.FAULT_DEADLINE_MS
+    kinds = dict(re.findall(r"(SC_EVENT|SC_GONE|SC_FAILED|SC_UNPROTECT|SC_SAVED) = (\d+)",
+                            header))
     assert {k: int(v) for k, v in kinds.items()} == {
         "SC_EVENT": binding.SC_EVENT, "SC_GONE": binding.SC_GONE, "SC_FAILED": binding.SC_FAILED,
-        "SC_UNPROTECT": binding.SC_UNPROTECT}
+        "SC_UNPROTECT": binding.SC_UNPROTECT, "SC_SAVED": binding.SC_SAVED}
+
+
+# ---- the core's API is safe to call with anything (issue 16) ------------------------------------
+
+
+def in_child(body: str) -> str:
+    """Run `body` (Python, with memfd/img/SIZE/PAGE/SnapCore/lib at hand) in a child process
+    and return its output: a core that crashes (the old one, given these arguments) fails the
+    test instead of the test session."""
+    import subprocess
+    import sys
+    import textwrap
+
+    prelude = textwrap.dedent(f"""
+        import ctypes, errno, os
+        from uffdsnap.native.core import SnapCore, _library
+        SIZE, PAGE = {SIZE}, {PAGE}
+        memfd = os.memfd_create("child", 0)
+        os.ftruncate(memfd, SIZE)
+        img = os.memfd_create("child-img", 0)
+        os.ftruncate(img, SIZE)
+        lib = _library()
+    """)
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)],
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"the child died ({proc.returncode}): {proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def test_claim_refuses_ranges_outside_the_object() -> None:
+    """A range must start on a page and end inside the object's last page: anything else is
+    EINVAL, with nothing read or marked (the old core read and wrote the map out of bounds)."""
+    out = in_child("""
+        from uffdsnap.native.libc import KernelError
+        core = SnapCore(memfd, img, SIZE, PAGE)
+        for off, length in [(SIZE, PAGE), (SIZE - PAGE, 2 * PAGE), (PAGE + 1, PAGE),
+                            (1 << 40, PAGE), ((1 << 64) - PAGE, 2 * PAGE)]:
+            try:
+                core.claim(off, length)
+                print("claimed", off, length)
+            except KernelError as e:
+                print(errno.errorcode[e.errno])
+        print(bytes(core.saved).count(1), core.claim(SIZE - PAGE, PAGE))
+        core.close()
+    """)
+    assert out.split("\n") == ["EINVAL"] * 5 + [f"0 [({SIZE - PAGE}, {SIZE})]", ""]
+
+
+def test_a_claim_without_room_for_its_runs_claims_nothing(memfd: int, image: int) -> None:
+    """-E2BIG (more runs than the caller has room for) leaves every page unclaimed: the old
+    core marked them saved first, so they stayed zeros in the image."""
+    from uffdsnap.native.core import _library
+
+    lib = _library()
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    try:
+        assert core.save_page(2)  # pages 0-1 and 3-7: two runs
+        runs = (ctypes.c_uint64 * 2)()
+        assert lib.sc_claim(core._p(), 0, SIZE, runs, 1) == -errno.E2BIG
+        assert bytes(core.saved) == b"\0\0\1" + b"\0" * (SIZE // PAGE - 3)
+        assert core.claim(0, SIZE) == [(0, 2 * PAGE), (3 * PAGE, SIZE)]
+    finally:
+        core.close()
+
+
+def test_views_of_the_saved_map_outlive_the_core(memfd: int, image: int) -> None:
+    """The map is the binding's memory, not the core's: a view taken while the core lived
+    (slices too) still reads the final map after close(); the old core freed it under them."""
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    view = core.saved[1:5]
+    core.save_page(2)
+    core.claim(4 * PAGE, PAGE)
+    core.close()
+    junk = [bytearray(16) for _ in range(1000)]  # (what reuses freed memory, if it were)
+    assert bytes(view) == b"\0\1\0\1" and bytes(core.saved[:5]) == b"\0\0\1\0\1"
+    del junk
+
+
+@pytest.mark.parametrize("page_size", [0, 3, 1000, 1 << 31])
+def test_a_page_size_that_is_not_one_is_refused(page_size: int) -> None:
+    """0 divided by zero in the old core (SIGFPE): now ValueError, like any size that is not
+    a power of two from 512 bytes to 1 GiB."""
+    out = in_child(f"""
+        try:
+            SnapCore(memfd, img, SIZE, {page_size})
+            print("accepted")
+        except ValueError:
+            print("refused")
+    """)
+    assert out == "refused\n"
+
+
+def test_a_negative_max_takes_nothing() -> None:
+    """sc_take_events and the other takers refuse max < 0 (the old core copied every queued
+    event into a buffer of any size)."""
+    out = in_child("""
+        from uffdsnap.native.core import _Event
+        core = SnapCore(memfd, img, SIZE, PAGE)
+        core.relay_unprotects()
+        for page in range(3):
+            core.save_page(page)  # an SC_UNPROTECT event each
+        one = (_Event * 1)()
+        print(lib.sc_take_events(core._p(), one, -1) == -errno.EINVAL,
+              lib.sc_take_fault_saved(core._p(), (ctypes.c_uint64 * 1)(), -1) == -errno.EINVAL,
+              lib.sc_take_pending(core._p(), 1, ctypes.create_string_buffer(32), -1)
+              == -errno.EINVAL, len(core.take_all_events()))
+        core.close()
+    """)
+    assert out == "True True True 3\n"
+
+
+def test_the_fault_thread_blocks_every_signal(memfd: int, image: int) -> None:
+    """Signals are the interpreter's: the core's thread must not take them (an ioctl of its
+    interrupted, a handler run there), so it starts with every signal blocked."""
+    import signal
+
+    def tasks() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    ours, theirs = socket.socketpair()
+    try:
+        before = tasks()
+        core.add_channel(1, theirs.fileno())  # starts the thread
+        core.go()
+        ours.sendall(fixed_frame("fault", offset=0, tid=1, seen_ns=1))
+        read_frame(ours)  # answered: the thread runs its loop (and has its own mask, not the
+        new = tasks() - before  # all-blocked one pthread_create starts threads with)
+        assert len(new) == 1, new
+        status = Path(f"/proc/self/task/{new.pop()}/status").read_text()
+        blocked = int(next(ln for ln in status.splitlines() if ln.startswith("SigBlk:"))
+                      .split()[1], 16)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1,
+                    signal.SIGALRM, signal.SIGPIPE, signal.SIGWINCH):
+            assert blocked & (1 << (sig - 1)), f"{sig.name} not blocked ({blocked:#x})"
+    finally:
+        core.close()
+        ours.close()
+        theirs.close()
+
+
+def test_events_past_the_queue_limit_are_accounted_for(tmp_path: Path) -> None:
+    """The queue of events for Python is bounded (snapcore.c EVENTS_MAX, 2^18): what does not
+    fit is not dropped silently, the events taken end with a failure of the run (ENOBUFS).
+    Here, relayed un-protects that nobody takes (the old queue grew without bound)."""
+    from uffdsnap.native.core import SC_UNPROTECT
+
+    limit = 1 << 18
+    size = (limit + 8) * PAGE
+    obj = os.memfd_create("events", os.MFD_CLOEXEC)  # sparse: every page a hole
+    img = os.open(tmp_path / "img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(obj, size)
+    os.ftruncate(img, size)
+    core = SnapCore(obj, img, size, PAGE)
+    try:
+        core.relay_unprotects()
+        for page in range(limit + 8):
+            core.save_page(page)
+        events = core.take_all_events()
+        assert len(events) == limit + 1
+        assert all(e.kind == SC_UNPROTECT for e in events[:-1])
+        assert (events[-1].ident, events[-1].kind, events[-1].err) == (
+            -1, SC_FAILED, errno.ENOBUFS)
+        assert core.take_all_events() == []  # reported once
+    finally:
+        core.close()
+        os.close(img)
+        os.close(obj)
+
+
+# ---- pages saved because of faults, for streaming (sc_take_fault_saved) --------------------------
+
+
+def wait_events(core: SnapCore, kind: int) -> list[object]:
+    assert select.select([core.notify_fd], [], [], TIMEOUT)[0], "no event"
+    return [e for e in core.take_all_events() if e.kind == kind]
+
+
+def test_pages_saved_by_faults_are_recorded_in_order(memfd: int, image: int) -> None:
+    """With a limit set, every page saved because of a fault (save_page, a fault channel's
+    fault) is recorded once, in order; pages the scan claims or copies are not. SC_SAVED says
+    when the queue goes from empty to non-empty."""
+    from uffdsnap.native.core import SC_SAVED
+
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    ours, theirs = socket.socketpair()
+    try:
+        assert core.take_fault_saved(10) == []  # off by default: nothing recorded
+        core.save_page(6)
+        assert core.take_fault_saved(10) == [] and not core.take_all_events()
+        core.set_fault_saved_limit(100)
+        core.add_channel(1, theirs.fileno())
+        core.go()
+        core.save_page(3)
+        assert len(wait_events(core, SC_SAVED)) == 1
+        core.save_page(1)
+        core.save_page(3)  # saved before: not again
+        ours.sendall(fixed_frame("fault", offset=5 * PAGE, tid=1, seen_ns=1))
+        while protocol.decode(read_frame(ours)[4:]) != protocol.Unprotect(((5 * PAGE, PAGE),)):
+            pass  # (the un-protects of pages 3 and 1 come first)
+        core.claim(7 * PAGE, PAGE)  # the scan's
+        core.copy_window(0, 1 * PAGE, bytearray(PAGE))
+        assert core.take_fault_saved(2) == [3, 1]
+        assert core.take_fault_saved(2) == [5]
+        assert core.take_fault_saved(2) == []
+        assert not [e for e in core.take_all_events() if e.kind == SC_SAVED]
+        core.save_page(2)
+        assert len(wait_events(core, SC_SAVED)) == 1  # empty → non-empty again
+        assert core.take_fault_saved(0) == [] and core.take_fault_saved(5) == [2]
+        core.save_page(4)
+        core.set_fault_saved_limit(0)  # off again: what waits is dropped
+        assert core.take_fault_saved(5) == []
+    finally:
+        core.close()
+        ours.close()
+        theirs.close()
+
+
+def test_fault_saved_pages_past_the_limit_fail_the_run(memfd: int, image: int) -> None:
+    from uffdsnap.native.libc import KernelError
+
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    try:
+        core.set_fault_saved_limit(2)
+        for page in (4, 0, 2):
+            core.save_page(page)
+        failed = [(e.ident, e.err) for e in core.take_all_events() if e.kind == SC_FAILED]
+        assert failed == [(-1, errno.ENOBUFS)]
+        assert core.take_fault_saved(10) == [4, 0]  # what was recorded before
+        with pytest.raises(KernelError) as e:
+            core.take_fault_saved(10)  # then: the record is incomplete
+        assert e.value.errno == errno.ENOBUFS
+        with pytest.raises(ValueError):
+            core.set_fault_saved_limit(-1)
+    finally:
+        core.close()
+
+
+@needs_root
+def test_a_delegated_fault_is_recorded(writer: Writer, memfd: int, image: int) -> None:
+    from uffdsnap.native.core import SC_SAVED
+
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    try:
+        core.set_fault_saved_limit(8)
+        core.add(1, writer.fd, [(writer.address, SIZE, 0)])
+        core.go()
+        writer.write(6 * PAGE, 1)
+        assert writer.report() == f"wrote {6 * PAGE} 1"
+        assert wait_events(core, SC_SAVED)
+        assert core.take_fault_saved(8) == [6]
+    finally:
+        core.close()
+
+
+def test_the_fault_deadline_is_a_parameter(memfd: int, image: int) -> None:
+    from uffdsnap.native.libc import KernelError
+
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    try:
+        core.set_fault_deadline(2.5)
+        for bad in (0, 3601):
+            with pytest.raises(KernelError):
+                core.set_fault_deadline(bad)
+    finally:
+        core.close()

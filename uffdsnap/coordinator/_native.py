@@ -6,7 +6,9 @@ agents that have neither (relayed from the core's one batcher)."""
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ from uffdsnap.native.core import (
     SC_EVENT,
     SC_FAILED,
     SC_GONE,
+    SC_SAVED,
     SC_UNPROTECT,
+    CoreEvent,
     SnapCore,
     describe_error,
 )
@@ -28,6 +32,17 @@ from uffdsnap.native.scm import is_unix_stream
 from uffdsnap.procfs import Mapping, ObjectId
 from uffdsnap.protocol import Delegate, Event, FaultChannel, RemoteProtocolError
 from uffdsnap.tracker import GONE, Tracker
+
+log = logging.getLogger(__name__)
+
+# Why the core closed an agent's fault channel (SC_FAILED), in words.
+_WHY = {
+    errno.ETIMEDOUT: "its agent took no un-protect within the fault deadline (it stopped "
+                     "reading its fault channel)",
+    errno.ENOBUFS: "its agent reads its fault channel slower than un-protects are made",
+    errno.EOVERFLOW: "its agent sent more faults than any workload blocks on (flooding)",
+    errno.EPROTO: "its agent sent a malformed frame on its fault channel",
+}
 
 
 def check_lent_fd(msg: Delegate | FaultChannel, fd: int) -> None:
@@ -146,26 +161,39 @@ class CoreLink:
 
     # ---- the core's events ------------------------------------------------------------------
 
+    def _failed(self, ev: CoreEvent) -> None:
+        """SC_FAILED: the snapshot cannot be proven (the core has closed a channel past its
+        limits already; a failure of the run as a whole has ident -1)."""
+        entry = self.delegated.get(ev.ident)
+        peer = entry[0] if entry else self.channels.get(ev.ident)
+        who = f" of pid {peer.pid}" if peer else ""
+        why = _WHY.get(ev.err) if ev.ident in self.channels else None
+        self.fail(f"serving faults{who}: {why or describe_error(ev.err)}")
+
     async def serve_events(self, lost_channel: Callable[[Peer], None]) -> None:
         """Until cancelled: handle what the core cannot."""
         while True:
             await trio.lowlevel.wait_readable(self.core.notify_fd)
             ranges = []
             for ev in self.core.take_events():
+                if ev.kind not in (SC_UNPROTECT, SC_SAVED):
+                    log.debug("core event: ident %d kind %d err %d", ev.ident, ev.kind, ev.err)
                 if ev.kind == SC_UNPROTECT:
                     ranges.append(ev.unprotected)
                     continue
+                if ev.kind == SC_SAVED:  # pages for take_fault_saved (when recording is on)
+                    continue
                 entry = self.delegated.get(ev.ident)
-                peer = entry[0] if entry else self.channels.get(ev.ident)
                 if ev.kind == SC_FAILED:
-                    who = f" of pid {peer.pid}" if peer else ""
-                    self.fail(f"serving faults{who}: {describe_error(ev.err)}")
+                    self._failed(ev)
                 elif ev.kind == SC_GONE and ev.ident in self.channels:
                     channel_peer = self.channels[ev.ident]
                     self.close_channel(channel_peer)
                     lost_channel(channel_peer)
                 elif entry is None:
                     if ev.kind == SC_EVENT:  # its uffd was dropped meanwhile
+                        log.debug("event of dropped uffd %d: %s", ev.ident,
+                                  K.decode_message(ev.msg))
                         K.close_fork_uffd(ev.msg)
                 elif ev.kind == SC_GONE:  # exited or exec'd: nothing left to protect there
                     self.drop(*entry)
@@ -192,6 +220,7 @@ class CoreLink:
                             list(tracker.mappings), list(tracker.registered), tracker.protected,
                             ident=next(self.idents.children))
             self._adopt(peer, child)
+            log.debug("pid %s (tracker %d) forked: told its agent", tracker.pid, tracker.ident)
             self._forward(peer, Event(tracker.ident, "fork", child=child.ident), [child.uffd])
         elif isinstance(event, K.Remap):
             tracker.remapped(event)
@@ -217,8 +246,11 @@ class CoreLink:
         children's uffds; faults need nothing (release wakes them)."""
         self.closed = True
         self.core.stop()
-        leftovers = [(ev.ident, ev.msg) for ev in self.core.take_events()
-                     if ev.kind == SC_EVENT]
+        events = self.core.take_all_events()  # all of them: none may be left behind
+        for ev in events:
+            if ev.kind == SC_FAILED:  # too late for serve_events, not for the verdict
+                self._failed(ev)
+        leftovers = [(ev.ident, ev.msg) for ev in events if ev.kind == SC_EVENT]
         leftovers += [(key, msg) for key in list(self.delegated)
                       for msg in self.core.take_pending(key)]
         for key, msg in leftovers:

@@ -19,7 +19,7 @@ from functools import cache
 from uffdsnap.errors import UserError
 from uffdsnap.native.libc import KernelError
 
-SC_EVENT, SC_GONE, SC_FAILED, SC_UNPROTECT = 1, 2, 3, 4
+SC_EVENT, SC_GONE, SC_FAILED, SC_UNPROTECT, SC_SAVED = 1, 2, 3, 4, 5
 _u64 = ctypes.c_uint64
 _p_u64 = ctypes.POINTER(_u64)
 _RANGE = struct.Struct("=QQ")
@@ -39,8 +39,10 @@ class _Stats(ctypes.Structure):
 @dataclass(frozen=True)
 class CoreEvent:
     """What the core hands to Python: a uffd message that needs policy (SC_EVENT, with the raw
-    32 bytes), a process gone under a uffd (SC_GONE), a failure (SC_FAILED, errno), or a range
-    to un-protect in agents on the main connection (SC_UNPROTECT, see `unprotected`)."""
+    32 bytes), a process gone under a uffd or a channel closed by its peer (SC_GONE), a failure
+    (SC_FAILED, errno; ident -1: the run as a whole), a range to un-protect in agents on the
+    main connection (SC_UNPROTECT, see `unprotected`), or pages to take with
+    `take_fault_saved` (SC_SAVED)."""
 
     ident: int
     kind: int
@@ -63,8 +65,10 @@ class CoreStats:
     service_buckets: tuple[tuple[int, int], ...]  # (LatencyHistogram bucket, count)
 
 
-ABI_VERSION = 3  # snapcore.h's SC_ABI_VERSION
+ABI_VERSION = 4  # snapcore.h's SC_ABI_VERSION
 TEST_UNPROTECT_BEFORE_SAVE = 1  # SC_TEST_UNPROTECT_BEFORE_SAVE
+FAULT_DEADLINE_MS = 2000  # SC_FAULT_DEADLINE_MS: the default of SnapCore.set_fault_deadline
+EVENT_BATCH = 256  # events taken per call
 
 
 @cache
@@ -73,13 +77,13 @@ def _library() -> ctypes.CDLL:
 
     path = core_library()
     try:
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(path), use_errno=True)
     except OSError as e:
         raise UserError(f"cannot load the native core {path}: {e}") from None
     _check_abi(lib, path)
     i, i64, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     sigs = {
-        "sc_new": (vp, [i, i, _u64, _u64]),
+        "sc_new": (vp, [i, i, _u64, _u64, vp]),
         "sc_free": (None, [vp]),
         "sc_notify_fd": (i, [vp]),
         "sc_saved": (vp, [vp]),
@@ -102,6 +106,10 @@ def _library() -> ctypes.CDLL:
         "sc_hist_buckets": (i, []),
         "sc_set_test_flags": (None, [vp, i]),
         "sc_relay_unprotects": (i, [vp]),
+        "sc_set_fault_deadline": (i, [vp, _u64]),
+        "sc_set_fault_saved_limit": (i, [vp, _u64]),
+        "sc_take_fault_saved": (i, [vp, _p_u64, i]),
+        "sc_poll": (i, [vp, i]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -154,12 +162,18 @@ class SnapCore:
     def __init__(self, obj_fd: int, img_fd: int, size: int, page_size: int):
         self._lib = _library()
         self.page_size = page_size
-        self.npages = -(-size // page_size)  # the last page may be partial
-        ptr = self._lib.sc_new(obj_fd, img_fd, size, page_size)
+        self.npages = -(-size // page_size) if page_size > 0 else 0  # the last may be partial
+        # The saved map is ours (the core writes it while it lives), so that every view of it,
+        # slices included, stays valid after close(): it then reads the final map.
+        array = (ctypes.c_ubyte * max(1, self.npages))()
+        ptr = self._lib.sc_new(obj_fd, img_fd, size, page_size,
+                               ctypes.addressof(array) if obj_fd >= 0 else None)
         if not ptr:
-            raise MemoryError("snapcore: cannot allocate the page map")
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:
+                raise ValueError(f"snapcore: bad geometry (size {size}, page size {page_size})")
+            raise MemoryError(f"snapcore: cannot allocate the context: {describe_error(err)}")
         self._ptr: int | None = ptr
-        array = (ctypes.c_ubyte * max(1, self.npages)).from_address(self._lib.sc_saved(ptr))
         # One byte per page, 0 → 1 once: a 1 read without the lock is final.
         self.saved = memoryview(array).cast("B")
         self.notify_fd: int = self._lib.sc_notify_fd(ptr)
@@ -172,7 +186,6 @@ class SnapCore:
     def close(self) -> None:
         """Stop the fault thread and free everything (the uffds stay open: they are Python's)."""
         if self._ptr is not None:
-            self.saved.release()
             self._lib.sc_free(self._ptr)
             self._ptr = None
 
@@ -246,10 +259,20 @@ class SnapCore:
         cbuf = (ctypes.c_char * length).from_buffer(buf)
         return self._runs(self._lib.sc_copy_window, offset, length, cbuf, length=length)
 
-    def take_events(self, limit: int = 256) -> list[CoreEvent]:
-        out = (_Event * limit)()
-        n = self._lib.sc_take_events(self._p(), out, limit)
+    def take_events(self, limit: int = EVENT_BATCH) -> list[CoreEvent]:
+        """Up to `limit` queued events, in order (the core notifies again while more wait)."""
+        out = (_Event * max(1, limit))()
+        n = _check("snapcore events", self._lib.sc_take_events(self._p(), out, limit))
         return [CoreEvent(e.ident, e.kind, e.err, bytes(e.msg)) for e in out[:n]]
+
+    def take_all_events(self) -> list[CoreEvent]:
+        """Every queued event, in order (at the end of a run: none may be left behind)."""
+        out: list[CoreEvent] = []
+        while True:
+            got = self.take_events()
+            out += got
+            if len(got) < EVENT_BATCH:
+                return out
 
     def take_pending(self, ident: int) -> list[bytes]:
         """After stop(): the uffd messages the core read but did not handle, in order."""
@@ -265,6 +288,35 @@ class SnapCore:
         """From now on also hand Python every range un-protected everywhere (SC_UNPROTECT
         events, coalesced), for agents without a fault channel: one batcher for everyone."""
         _check("snapcore relay", self._lib.sc_relay_unprotects(self._p()))
+
+    def set_fault_deadline(self, seconds: float) -> None:
+        """How long un-protects may wait for a fault-channel peer that does not read them
+        (default FAULT_DEADLINE_MS): past it the peer is dropped and the run fails (SC_FAILED,
+        ETIMEDOUT), which releases everyone. From 1 ms to an hour."""
+        _check("snapcore deadline", self._lib.sc_set_fault_deadline(
+            self._p(), max(0, round(seconds * 1000))), f"{seconds} s")
+
+    def set_fault_saved_limit(self, n: int) -> None:
+        """Record the pages saved because of faults for `take_fault_saved`, at most `n`
+        waiting; 0 (the default) turns recording off and drops what waits. One page more than
+        `n` fails the run (SC_FAILED, ENOBUFS)."""
+        if n < 0:
+            raise ValueError(f"a limit of {n} pages")
+        _check("snapcore fault-saved limit", self._lib.sc_set_fault_saved_limit(self._p(), n))
+
+    def take_fault_saved(self, max: int) -> list[int]:  # (`max`: the C API's name)
+        """Up to `max` page numbers saved because of faults (delegated uffds, fault channels,
+        save_page) since the last call, in the order they were saved. An SC_SAVED event says
+        there are some again. KernelError(ENOBUFS) once the limit was exceeded and what was
+        recorded before is taken."""
+        out = (_u64 * (max if max > 0 else 1))()
+        n = _check("snapcore fault-saved pages", self._lib.sc_take_fault_saved(self._p(), out,
+                                                                                max))
+        return list(out[:n])
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Without a fault thread: do one round of its work here, waiting at most `timeout`."""
+        _check("snapcore poll", self._lib.sc_poll(self._p(), max(0, round(timeout * 1000))))
 
     def set_test_flags(self, flags: int) -> None:
         """Deliberately wrong behaviours for tests' negative controls (TEST_*)."""

@@ -10,17 +10,23 @@
 
 #include <stdint.h>
 
-#define SC_ABI_VERSION 3
+#define SC_ABI_VERSION 4
 
 /* A uffd message as the kernel hands it out (struct uffd_msg). */
 #define SC_MSG_SIZE 32
 /* Buckets of the fault-service histogram (uffdsnap.stats.LatencyHistogram's). */
 #define SC_HIST_BUCKETS 2048
 
+/* Un-protects queued for a peer that takes none for this long (sc_set_fault_deadline): the
+ * peer is dropped and the run fails (SC_FAILED, ETIMEDOUT), which releases everyone. */
+#define SC_FAULT_DEADLINE_MS 2000
+
 /* What Python is told through sc_take_events. SC_UNPROTECT (only after sc_relay_unprotects):
  * a saved range, coalesced, for agents the core cannot reach itself (msg: offset, length as two
- * native-endian uint64). */
-enum { SC_EVENT = 1, SC_GONE = 2, SC_FAILED = 3, SC_UNPROTECT = 4 };
+ * native-endian uint64). SC_SAVED (no payload): sc_take_fault_saved has pages again (pushed
+ * when its queue goes from empty to non-empty). SC_FAILED with ident -1: the run as a whole
+ * (an image write failed, events or saved pages could not be queued, ...). */
+enum { SC_EVENT = 1, SC_GONE = 2, SC_FAILED = 3, SC_UNPROTECT = 4, SC_SAVED = 5 };
 
 struct sc_event {
     int64_t ident;
@@ -42,7 +48,11 @@ int sc_abi_version(void);
 /* sizeof(struct sc_event), sizeof(struct sc_stats): checked against the binding's at load. */
 void sc_abi_sizes(uint64_t *event_size, uint64_t *stats_size);
 
-struct sc *sc_new(int obj_fd, int img_fd, uint64_t size, uint64_t page_size);
+/* `saved`: the caller's zeroed map of ceil(size / page_size) bytes, which must outlive the
+ * context (so that views of it stay valid after sc_free), or NULL for one the core owns.
+ * NULL with errno EINVAL (page_size not a power of two from 512 to 1 GiB) or ENOMEM. */
+struct sc *sc_new(int obj_fd, int img_fd, uint64_t size, uint64_t page_size,
+                  unsigned char *saved);
 void sc_free(struct sc *c);
 int sc_notify_fd(struct sc *c);
 unsigned char *sc_saved(struct sc *c);
@@ -68,5 +78,19 @@ void sc_set_test_flags(struct sc *c, int flags);
 /* From now on, also hand every range un-protected everywhere to Python (SC_UNPROTECT): the one
  * batcher serves agents without a fault channel too. Starts the fault thread if needed. */
 int sc_relay_unprotects(struct sc *c);
+/* How long un-protects may wait for a peer that does not read them (default
+ * SC_FAULT_DEADLINE_MS); 0 or -EINVAL (0 ms, or more than an hour). */
+int sc_set_fault_deadline(struct sc *c, uint64_t ms);
+/* Record the pages saved because of faults (delegated uffds, fault channels, sc_save_page), at
+ * most `n` waiting to be taken; 0 (the default) turns recording off and drops what is queued.
+ * One more page than `n` fails the run (SC_FAILED, ENOBUFS) and stops recording. */
+int sc_set_fault_saved_limit(struct sc *c, uint64_t n);
+/* Move up to `max` recorded page numbers, in the order they were saved, to `pages`; returns
+ * how many, -ENOBUFS once all that was recorded before an overflow is taken, -EINVAL. */
+int sc_take_fault_saved(struct sc *c, uint64_t *pages, int max);
+/* Run one round of the fault thread's work in the caller's thread, waiting at most
+ * `timeout_ms` (0: not at all) for something to do: for programs that drive the core
+ * themselves (the fuzzing harness). -EBUSY while the fault thread runs. */
+int sc_poll(struct sc *c, int timeout_ms);
 
 #endif
