@@ -145,6 +145,18 @@ def wp_registered_ranges(pid: int) -> list[tuple[int, int]]:
     raise ProcessLookupError(pid)
 
 
+def registered_mapper(pid: int, obj: ObjectId) -> bool:
+    """Whether a writable mapping of `obj` in `pid` is already registered with a userfaultfd:
+    a child forked by a tracked process (its agent holds that uffd and will report it), or a
+    program that uses userfaultfd itself. Attaching another would fail (EBUSY)."""
+    try:
+        registered = wp_registered_ranges(pid)
+        maps = [m for m in mappings_of(pid, obj) if m.writable]
+    except (ProcessLookupError, OSError):
+        return False
+    return any(a <= m.start and m.end <= b for m in maps for a, b in registered)
+
+
 def _task_files(pid: int, name: str) -> list[str]:
     try:
         return [f"/proc/{pid}/task/{tid}/{name}" for tid in os.listdir(f"/proc/{pid}/task")]
@@ -200,34 +212,66 @@ def all_pids() -> list[int]:
     return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
 
 
+SCAN_ROUNDS = 64  # a fork chain outruns one look at /proc; a few more catch it
+PF_KTHREAD = 0x00200000
+
+
+class ScanUnstable(Exception):
+    """Processes kept exiting faster than we could look at their successors."""
+
+
 def find_mappers(obj: ObjectId, exclude: set[int] | None = None) -> dict[int, list[Mapping]]:
-    """Every process with a shared mapping of `obj`: {pid: [mappings]}. Processes that vanish or
-    that we may not inspect while we look are skipped. (Writers may be held while this runs:
-    a process whose maps do not mention the inode is passed over without parsing them.)"""
+    """Every process with a shared mapping of `obj`: {pid: [mappings]}. Processes we may not
+    inspect are skipped. One listing of /proc is not one instant: a process that forks and
+    exits while we look (a fork chain, a daemon re-spawning itself) leaves its successor
+    unlisted and itself gone. So while any process we meant to read has vanished, we list
+    again and read the processes that are new; the result holds every mapper that lived
+    through the whole look. Raises ScanUnstable after SCAN_ROUNDS rounds that each lost one.
+    (Writers may be held while this runs: maps that do not mention the inode are passed over
+    without parsing them.)"""
     found: dict[int, list[Mapping]] = {}
     needle = f" {obj.major:02x}:{obj.minor:02x} {obj.inode} ".encode()
-    for pid in all_pids():
-        if exclude and pid in exclude:
-            continue
-        try:
-            with open(f"/proc/{pid}/maps", "rb") as f:
-                raw = f.read()
-            if raw and needle not in raw:
+    looked: set[int] = set(exclude or ())
+    for _ in range(SCAN_ROUNDS):
+        vanished = False
+        for pid in all_pids():
+            if pid in looked:
                 continue
-            # Empty maps: a kernel thread (one task: skip it cheaply), or a zombie thread-group
-            # leader whose live threads still map memory (mappings_of reads theirs).
-            if not raw and len(os.listdir(f"/proc/{pid}/task")) < 2:
-                continue
-            maps = mappings_of(pid, obj)
-        except (ProcessLookupError, PermissionError):
-            continue
-        except OSError as e:  # ESRCH while reading a dying process
-            if e.errno in (errno.ESRCH, errno.ENOENT, errno.EACCES):
-                continue
-            raise
-        if maps:
-            found[pid] = maps
-    return found
+            looked.add(pid)
+            maps = _mapper_maps(pid, obj, needle)
+            if maps is None:
+                vanished = True
+            elif maps:
+                found[pid] = maps
+        if not vanished:
+            return found
+    raise ScanUnstable(f"processes kept exiting while we looked for mappers of the object "
+                       f"({SCAN_ROUNDS} looks at /proc each lost one)")
+
+
+def _mapper_maps(pid: int, obj: ObjectId, needle: bytes) -> list[Mapping] | None:
+    """`pid`'s shared mappings of `obj` ([] if none, or hidden from us); None if it exited
+    before we could read them (its children, if any, may map the object)."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            raw = f.read()
+        if raw and needle not in raw:
+            return []
+        if not raw and len(os.listdir(f"/proc/{pid}/task")) < 2:
+            # a kernel thread, or a process that is exiting (its memory already gone)
+            return [] if int(_stat_fields(pid)[6]) & PF_KTHREAD else None
+        # (empty maps with live threads: a zombie leader; mappings_of reads the threads')
+        return mappings_of(pid, obj)
+    except PermissionError:
+        return []
+    except (ProcessLookupError, FileNotFoundError, IndexError, ValueError):
+        return None
+    except OSError as e:  # ESRCH while reading a dying process
+        if e.errno in (errno.ESRCH, errno.ENOENT):
+            return None
+        if e.errno == errno.EACCES:
+            return []
+        raise
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ class Tracker:
     # Mappings found unprotected while protected (grown by mremap, or new): writes may have
     # reached them before we protected them, so they fail the snapshot (the agent reports them).
     escapes: list[str] = field(default_factory=list)
+    # forked while its parent was protected: a child of this snapshot (reported, named or not)
+    born_in_snapshot: bool = False
 
     def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Run one uffd ioctl; while a fork/remap/remove event is pending the kernel answers
@@ -109,11 +111,23 @@ class Tracker:
             self.registered_since = boot_ticks()
         last = self.mappings[-1] if self.mappings else None
         for m in list(self.mappings):
-            if self._register(m) and not (leave_unprotected == "all" or
-                                          (leave_unprotected == "last" and m is last)):
-                self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
+            if self._register(m):
+                # as we go: a fork in the middle of this loop hands its child exactly what is
+                # registered so far (adopt_child copies it)
+                if (m.start, m.end) not in self.registered:
+                    self.registered.append((m.start, m.end))
+                if not (leave_unprotected == "all" or
+                        (leave_unprotected == "last" and m is last)):
+                    self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
         self.registered = [(m.start, m.end) for m in self.mappings]
         return self.mappings
+
+    def protect_registered(self) -> None:
+        """Write-protect every registered range (a child born in the middle of its parent's
+        protect may have inherited registered but not yet protected pages; protecting a page
+        that was saved already costs one more fault, answered at once)."""
+        for start, end in list(self.registered):
+            self._call(K.writeprotect, self.uffd, start, end - start, protect=True)
 
     def _register(self, m: Mapping) -> bool:
         """Register one mapping. A read-only mapping of a file opened O_RDONLY lacks
@@ -169,6 +183,19 @@ class Tracker:
                          for m in self.mappings
                          if m.writable and not registered.covers(m.start, m.end)]
 
+    def address_space_alive(self) -> bool:
+        """Whether the process this uffd serves still has its address space while registered
+        (it may not have been named yet); False when nothing is registered (then there is no
+        protection to lose). Asked by registering again what is registered: a no-op."""
+        if not self.registered:
+            return False
+        start, end = self.registered[0]
+        try:
+            K.register(self.uffd, start, end - start, K.REGISTER_MODE_WP)
+        except KernelError as e:
+            return e.errno not in GONE
+        return True
+
     def offset_of(self, address: int) -> int | None:
         """Page-aligned object offset of a faulting address, None if outside every mapping."""
         for m in self.mappings:
@@ -222,19 +249,26 @@ class Tracker:
                 if e.errno != errno.ENOENT:
                     raise
 
-    def release(self) -> None:
-        """Un-protect and unregister everything registered; tolerate a process that is gone."""
+    def unprotect_all(self) -> None:
+        """Un-protect everything registered (it stays registered); tolerate a process that is
+        gone."""
         self.protected = False
         for start, end in self.registered:
-            for op in (K.writeprotect, K.unregister):
-                try:
-                    if op is K.writeprotect:
-                        self._call(K.writeprotect, self.uffd, start, end - start, protect=False)
-                    else:
-                        self._call(K.unregister, self.uffd, start, end - start)
-                except KernelError as e:
-                    if e.errno not in (*GONE, errno.EINVAL, errno.ENOENT):
-                        raise
+            try:
+                self._call(K.writeprotect, self.uffd, start, end - start, protect=False)
+            except KernelError as e:
+                if e.errno not in (*GONE, errno.EINVAL, errno.ENOENT):
+                    raise
+
+    def release(self) -> None:
+        """Un-protect and unregister everything registered; tolerate a process that is gone."""
+        self.unprotect_all()
+        for start, end in self.registered:
+            try:
+                self._call(K.unregister, self.uffd, start, end - start)
+            except KernelError as e:
+                if e.errno not in (*GONE, errno.EINVAL, errno.ENOENT):
+                    raise
         self.registered = []
 
     def close(self) -> None:

@@ -9,33 +9,35 @@ import logging
 import os
 import signal
 import socket
+import weakref
+from typing import ClassVar
 
 import trio
 
 from uffdsnap import testhooks
-from uffdsnap.agent._audit import audit
-from uffdsnap.agent._children import adopt_child, delegated_event
-from uffdsnap.agent._corelink import start_core, stop_core
+from uffdsnap.agent._children import (
+    adopt_child,
+    delegated_event,
+    departed_event,
+    find_child,
+)
+from uffdsnap.agent._corelink import stop_core
 from uffdsnap.agent._faultlog import FaultLog
+from uffdsnap.agent._phases import on_protect, on_release
 from uffdsnap.channel import Channel, PeerClosed
 from uffdsnap.native import uffd as K
 from uffdsnap.native.core import SnapCore
 from uffdsnap.native.libc import KernelError
-from uffdsnap.procfs import Mapping, ObjectId, process_running
+from uffdsnap.procfs import ObjectId, process_running
 from uffdsnap.protocol import (
-    MAX_TEXTS,
     Abort,
-    Delegate,
     Event,
     Fault,
-    FaultChannel,
     Gone,
     Message,
     Protect,
-    Protected,
     ProtocolError,
     Release,
-    Released,
     Removed,
     Tracked,
     Unprotect,
@@ -45,10 +47,16 @@ from uffdsnap.tracker import GONE, Tracker
 
 log = logging.getLogger(__name__)
 
+DEPARTED_KEPT = 256
+
 
 class Agent:
     """The trackers of one agent (its process and descendants forked while protected) and the
     tasks that serve them: one fault reader and one exit watcher per process."""
+
+    # every agent of this process (an agent host runs many): naming a fork child must not
+    # mistake another agent's process for it
+    _here: ClassVar[weakref.WeakSet[Agent]] = weakref.WeakSet()
 
     def __init__(self, pid: int, test_hooks: testhooks.Hooks | None = None,
                  handle_signals: bool = True):
@@ -64,13 +72,19 @@ class Agent:
         # forwards faults over a fault channel and applies the un-protects that come back.
         self.delegate = False
         self.lent = False
-        self._resumed = trio.Event()
+        self.resumed = trio.Event()
         self._next_ident = 1
         self.page_size = 0
         self.object_id = ObjectId(0, 0, 0)
         self.core: SnapCore | None = None
         self._fault_sock: socket.socket | None = None
-        self._hooks: testhooks.Hooks = test_hooks or {}
+        self.hooks: testhooks.Hooks = test_hooks or {}
+        # trackers dropped lately (their process exited), by ident: a fork event of theirs may
+        # still be on its way to us (read before the exit, handled after); its child is theirs
+        self.departed: dict[int, Tracker] = {}
+        Agent._here.add(self)
+        self.unnamed_children = 0  # this snapshot's (see Released)
+        self.releasing = False  # between un-protecting and unregistering, at release
 
     def add(self, tracker: Tracker) -> None:
         if not tracker.ident:
@@ -84,15 +98,28 @@ class Agent:
             if tracker.pidfd >= 0:
                 self._nursery.start_soon(self._watch_exit, tracker)
 
+    def pids_tracked_here(self) -> set[int | None]:
+        """The processes tracked by any agent of this process."""
+        return {t.pid for agent in list(Agent._here) for t in agent.trackers}
+
     def drop(self, tracker: Tracker) -> None:
         """Stop tracking one process (it exited or exec'd away from the object), and tell the
         coordinator: a process that lives on (exec) is then no longer counted as tracked."""
         if tracker in self.trackers:
             self.trackers.remove(tracker)
-            if self._nursery is not None and tracker.pid is not None:
-                self._nursery.start_soon(self._report_tracked)
+            if tracker.pid is None and tracker.born_in_snapshot:
+                self.unnamed_children += 1  # tracked from birth, gone before /proc showed it
+            if self._nursery is not None:
+                self._nursery.start_soon(self.tracked_changed)
+            late: list[bytes] = []
             if self.core is not None:
+                late = self.core.take_pending(tracker.ident)  # read, not yet handled
                 self.core.remove(tracker.ident)
+            self.departed[tracker.ident] = tracker
+            while len(self.departed) > DEPARTED_KEPT:
+                del self.departed[next(iter(self.departed))]
+            for msg in late:
+                departed_event(self, tracker.ident, msg)
             # tasks may be waiting on these fds: wake them (they see the tracker gone)
             trio.lowlevel.notify_closing(tracker.uffd)
             if tracker.pidfd >= 0:
@@ -147,32 +174,7 @@ class Agent:
                         os.close(fd)
                     return  # we are leaving (gone): what the coordinator had in flight is moot
                 if isinstance(msg, Protect):
-                    await self._test_hold_protect()
-                    self.log.reset()
-                    use_core = not self.delegate and not self._hooks.get("no_fault_channel")
-                    # the coordinator or our core reads the uffds from now: stop reading them
-                    # before anything can fault
-                    self.lent = self.delegate or use_core
-                    self._resumed = trio.Event()
-                    theirs = start_core(self) if use_core else None
-                    t0 = monotonic_ns()
-                    maps = [m for t in list(self.trackers) for m in self._protect(t)]
-                    protect_ns = monotonic_ns() - t0
-                    if self.delegate:
-                        for t in list(self.trackers):
-                            spans = tuple(t.spans_with_offsets())
-                            await chan.send(Delegate(t.ident, t.pid or 0, spans), fds=[t.uffd])
-                    elif theirs is not None:
-                        assert self.core is not None
-                        for t in list(self.trackers):
-                            self.core.set_maps(t.ident, t.spans_with_offsets())
-                        try:
-                            await chan.send(FaultChannel(msg.snapshot), fds=[theirs.fileno()])
-                        finally:
-                            theirs.close()
-                    await chan.send(Protected(
-                        msg.snapshot, tuple((m.start, m.length, m.offset) for m in maps),
-                        protect_ns))
+                    await on_protect(self, chan, msg)
                 elif isinstance(msg, Unprotect):
                     for tracker in list(self.trackers):
                         self._unprotect(tracker, msg.ranges)
@@ -181,15 +183,7 @@ class Agent:
                 elif isinstance(msg, Event):
                     delegated_event(self, msg, fds)
                 elif isinstance(msg, Release):
-                    stop_core(self)
-                    escapes = [] if self._hooks.get("no_escape_audit") else audit(self)
-                    for tracker in list(self.trackers):
-                        tracker.release()
-                    if self.lent:
-                        self.lent = False
-                        self._resumed.set()
-                    await chan.send(Released(msg.snapshot, self.log.faults, self.log.hist.buckets(),
-                                             self.log.hist.max_ns, tuple(escapes[:MAX_TEXTS])))
+                    await on_release(self, chan, msg)
                 elif isinstance(msg, Abort):
                     self.ended.append(f"coordinator aborted: {msg.reason}")
                     return
@@ -210,28 +204,6 @@ class Agent:
                 except (PeerClosed, ProtocolError, OSError):
                     pass
 
-    # ---- the native core (agents mode) ---------------------------------------------------
-
-    def _protect(self, tracker: Tracker) -> list[Mapping]:
-        skip = testhooks.for_pid(self._hooks, "skip_protect", tracker.pid)
-        core = self.core
-
-        def mapped() -> None:  # our core must place the first fault
-            if core is not None:
-                core.set_maps(tracker.ident, tracker.spans_with_offsets())
-
-        try:
-            return tracker.protect(leave_unprotected=skip.get("which", "all") if skip else None,
-                                   mapped=mapped)
-        except ProcessLookupError:
-            self.drop(tracker)  # exited between two looks: nothing to protect
-            return []
-        except KernelError as e:
-            if e.errno not in GONE:
-                raise
-            self.drop(tracker)
-            return []
-
     def _unprotect(self, tracker: Tracker, ranges: tuple[tuple[int, int], ...]) -> None:
         try:
             for off, length in ranges:
@@ -246,7 +218,7 @@ class Agent:
         while tracker in self.trackers:
             if not tracker.backlog:
                 if self.lent:
-                    await self._resumed.wait()
+                    await self.resumed.wait()
                     continue
                 # Events drained during an EAGAIN retry wait in the backlog: look again soon.
                 with trio.move_on_after(0.05):
@@ -279,7 +251,7 @@ class Agent:
         elif isinstance(event, K.Fork):
             adopt_child(self, tracker, event.uffd)
         elif isinstance(event, K.Remap):
-            if not self._hooks.get("ignore_remap"):  # (the hook: wrong on purpose)
+            if not self.hooks.get("ignore_remap"):  # (the hook: wrong on purpose)
                 tracker.remapped(event)
         elif isinstance(event, K.Unmap):
             tracker.unmapped(event.start, event.end)
@@ -301,12 +273,36 @@ class Agent:
             # reports it if the new program maps the object)
             if pid is not None and process_running(pid):
                 return
+        else:
+            if tracker.address_space_alive():
+                # the pid exited but this uffd's address space lives: a fork child was given
+                # the wrong pid (its siblings are born in the same clock tick). Closing the uffd
+                # would let the real one write untracked: name it again instead.
+                log.warning("pid %s exited but its uffd's process lives: naming it again", pid)
+                self.rename(tracker)
+                return
         self.drop(tracker)
-        if not self.trackers and not (pid != self.pid and process_running(self.pid)):
+
+    async def tracked_changed(self) -> None:
+        """After a drop: with nothing tracked and our process gone, we are done; otherwise the
+        coordinator learns what we track now. Not while lent: in delegated mode a fork event
+        the coordinator read may still be on its way (its parent forked, then exited), with a
+        child to track; we end after the release."""
+        if not self.trackers and not self.lent and not process_running(self.pid):
             await self._send(Gone("process exited"))
             self._end("process exited")
         else:
             await self._report_tracked()
+
+    def rename(self, tracker: Tracker) -> None:
+        """Forget a wrong pid of a fork child's tracker and search for the right one."""
+        if tracker.pidfd >= 0:
+            os.close(tracker.pidfd)
+            tracker.pidfd = -1
+        tracker.pid = None
+        assert self._nursery is not None
+        self._nursery.start_soon(self._report_tracked)
+        self._nursery.start_soon(find_child, self, None, tracker)
 
     async def _report_tracked(self) -> None:
         await self._send(Tracked(tuple(t.pid for t in self.trackers if t.pid is not None)))
@@ -318,23 +314,6 @@ class Agent:
                 with trio.move_on_after(1):
                     await self._send(Abort(f"agent for pid {self.pid} got {name}"))
                 self._end(f"signal {name}")
-
-    async def _test_hold_protect(self) -> None:
-        """Test hook hold_protect: say so on the hook's FIFO, then protect only on SIGUSR1 (a
-        deterministically slow protector, while the other agents protect at once)."""
-        spec = testhooks.for_pid(self._hooks, "hold_protect", self.pid)
-        if spec is None:
-            return
-        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-            line = f"held agent={os.getpid()} target={self.pid}\n".encode()
-
-            def say() -> None:
-                with open(spec["fifo"], "wb") as fifo:
-                    fifo.write(line)
-
-            await trio.to_thread.run_sync(say)
-            async for _ in signals:
-                break
 
 
 def report(message: str) -> None:

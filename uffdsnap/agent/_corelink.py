@@ -4,17 +4,22 @@ come back, with no interpreter on a fault's path; Python handles only what needs
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 from typing import TYPE_CHECKING
 
 import trio
 
+from uffdsnap.agent._children import adopt_child, departed_event
 from uffdsnap.native import uffd as K
 from uffdsnap.native.core import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
 from uffdsnap.native.libc import KernelError
 
 if TYPE_CHECKING:
     from uffdsnap.agent._agent import Agent
+
+log = logging.getLogger(__name__)
 
 FORWARD_IDENT = 0  # the core's name for the fault channel (trackers are 1, 2, ...)
 
@@ -39,14 +44,16 @@ def start_core(agent: Agent) -> socket.socket:
 
 
 def stop_core(agent: Agent) -> None:
-    """Take the uffds back: what the core read but did not handle goes to the backlogs
-    (handled in order once we read again); its fault counts go into our log."""
+    """Take the uffds back: what the core read but did not handle is applied now (moves,
+    unmaps, and forks: their children are adopted while their parents are still protected) or
+    goes to the backlogs (handled in order once we read again); its fault counts go into our
+    log."""
     core, agent.core = agent.core, None
     if core is None:
         return
     core.stop()
     tracked = {t.ident for t in agent.trackers}
-    events = [e for e in core.take_events() if e.kind == SC_EVENT]
+    events = [e for e in core.take_all_events() if e.kind == SC_EVENT]  # none left behind
     for tracker in list(agent.trackers):
         tracker.drain = None
         msgs = [e.msg for e in events if e.ident == tracker.ident]
@@ -57,10 +64,12 @@ def stop_core(agent: Agent) -> None:
             event = K.decode_message(msg)
             try:
                 if isinstance(event, K.Remap):
-                    if not agent._hooks.get("ignore_remap"):  # (the hook: wrong on purpose)
+                    if not agent.hooks.get("ignore_remap"):  # (the hook: wrong on purpose)
                         tracker.remapped(event)
                 elif isinstance(event, K.Unmap):
                     tracker.unmapped(event.start, event.end)
+                elif isinstance(event, K.Fork) and agent._nursery is not None:
+                    adopt_child(agent, tracker, event.uffd)  # now, as its parent is protected
                 else:
                     tracker.backlog.append(event)
             except (KernelError, ProcessLookupError):
@@ -68,9 +77,12 @@ def stop_core(agent: Agent) -> None:
                 for rest in msgs[i + 1:]:
                     K.close_fork_uffd(rest)
                 break
-    for e in events:  # a dropped tracker's fork event: nobody will serve that child
+    for e in events:  # a dropped tracker's (its process forked, then exited)
         if e.ident not in tracked:
-            K.close_fork_uffd(e.msg)
+            if agent._nursery is not None:
+                departed_event(agent, e.ident, e.msg)
+            else:
+                K.close_fork_uffd(e.msg)  # we are ending: nobody will serve that child
     stats = core.stats()
     agent.log.faults += stats.faults
     agent.log.hist.merge(stats.service_buckets, stats.service_max_ns)
@@ -95,15 +107,28 @@ async def serve_core_events(agent: Agent, core: SnapCore) -> None:
         for ev in core.take_events():
             tracker = next((t for t in agent.trackers if t.ident == ev.ident), None)
             if ev.kind == SC_FAILED:
+                if ev.ident == FORWARD_IDENT and ev.err == errno.ETIMEDOUT:
+                    # our faults cannot reach the coordinator: say so and end (which releases
+                    # our processes and tells the coordinator), not wait silently
+                    why = "the coordinator took no fault within the fault deadline"
+                else:
+                    why = describe_error(ev.err)
                 where = ("fault channel" if ev.ident == FORWARD_IDENT else
                          f"serving pid {tracker.pid if tracker else '?'}")
-                failed = failed or f"{where}: {describe_error(ev.err)}"
+                failed = failed or f"{where}: {why}"
             elif ev.kind == SC_GONE:
                 if tracker is not None:
                     agent.drop(tracker)  # exited or exec'd
-                # (the channel: the coordinator closed it or is gone)
+                elif ev.ident == FORWARD_IDENT:
+                    # the coordinator closed it (it does before `release`, or when it drops
+                    # us, failing the snapshot) or is gone (our connection ends too): either
+                    # way a release comes, and faults wait for it
+                    log.info("fault channel closed by the coordinator (%s)",
+                             describe_error(ev.err) if ev.err else "end of file")
+            elif ev.kind != SC_EVENT:
+                continue  # (SC_SAVED, SC_UNPROTECT: not in an agent's core)
             elif tracker is None:
-                K.close_fork_uffd(ev.msg)  # dropped meanwhile: nobody will serve a child
+                departed_event(agent, ev.ident, ev.msg)  # its process exited meanwhile
             else:
                 await agent._event(tracker, K.decode_message(ev.msg))
                 if agent.core is core and tracker in agent.trackers:

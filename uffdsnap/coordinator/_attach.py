@@ -113,7 +113,9 @@ class Attacher:
             return self.host
         self._host_gone = trio.Event()
         self.host = await trio.lowlevel.open_process(
-            agent_command(self.coordinator_path, "--host", *testhooks.argv(self.test_hooks)),
+            agent_command(self.coordinator_path, "--host", *testhooks.argv(self.test_hooks),
+                          *(["-v"] if logging.getLogger("uffdsnap").isEnabledFor(logging.DEBUG)
+                            else [])),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         nursery.start_soon(self._read_answers, self.host, self._host_gone)
         nursery.start_soon(self._read_errors, self.host)

@@ -64,6 +64,7 @@ class Member:
     mappings: int = 0
     protect_ns: int = 0
     children: tuple[int, ...] = ()  # processes it tracks besides its own (forked children)
+    children_seen: set[int] = field(default_factory=set)  # every child it tracked this run
     lost_own: bool = False  # its own process lives on untracked (it exec'd)
     released: bool = False
     reported: bool = False  # its `released` arrived (with its audit)
@@ -139,6 +140,7 @@ class SnapshotPolicy:
         if member is not None:
             pids = tuple(pids)
             member.children = tuple(p for p in pids if p != member.pid)
+            member.children_seen.update(member.children)
             member.lost_own = member.pid not in pids
 
     def gone(self, key: Key, reason: str) -> None:
@@ -208,8 +210,11 @@ class SnapshotPolicy:
         if can_attach and self.attach_rounds < self.max_attach_rounds:
             self.attach_rounds += 1
             return BeforeT.ATTACH
+        why = (f" ({self.attach_rounds} rounds of attaching each met new ones: processes "
+               "that replace themselves faster than they can be attached)"
+               if can_attach and self.attach_rounds else "")
         self.fail(f"untracked process(es) map the object writable before T: "
-                  f"{', '.join(untracked)}")
+                  f"{', '.join(untracked)}{why}")
         return BeforeT.FAIL
 
     def skip_protection(self) -> None:

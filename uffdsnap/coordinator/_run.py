@@ -4,6 +4,7 @@ attaching newcomers, the native core and the copy threads, deadlines, test hooks
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,12 +18,12 @@ from uffdsnap.coordinator import _report
 from uffdsnap.coordinator._copy import copy_all
 from uffdsnap.coordinator._native import CoreLink
 from uffdsnap.coordinator._peers import Peer
-from uffdsnap.coordinator._policy import BeforeT, FaultAction, SnapshotPolicy
+from uffdsnap.coordinator._policy import BeforeT, FaultAction, Member, SnapshotPolicy
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.image import ImageWriter
 from uffdsnap.native.core import SnapCore
 from uffdsnap.native.libc import KernelError
-from uffdsnap.procfs import parent_pid, process_comm
+from uffdsnap.procfs import ScanUnstable, all_pids, parent_pid, process_comm
 from uffdsnap.protocol import MAX_RANGES, Fault, Protect, Release, Unprotect
 from uffdsnap.stats import monotonic_ns
 
@@ -52,7 +53,8 @@ class Run:
         self.timeline = _report.Timeline()
         self.held_wait_max_ns = 0
         self.bytes_scanned = 0
-        self._paused: set[str] = set()
+        self.paused_in: set[str] = set()
+        self._existed: set[int] = set()  # every pid when the copy ended
 
     @property
     def failure(self) -> str | None:
@@ -149,14 +151,19 @@ class Run:
                     nursery.start_soon(_cancel_on, self.failed, scope)
                     nursery.start_soon(self.link.serve_events, self._channel_lost)
                     if coord.attacher is not None:
-                        await coord.attach(coord.untracked_writers(self._peer_pids()))
-                    await self.test_pause("joining")
+                        with contextlib.suppress(ScanUnstable):  # (the look before T decides)
+                            await coord.attach(coord.attachable(
+                                coord.untracked_writers(self._peer_pids())))
+                    await test_pause(self, "joining")
                     await self._protect()
                     t.t_mono, t.t_wall = monotonic_ns(), time.time_ns()
                     self._declare_t()
-                    await self.test_pause("copying")
+                    await test_pause(self, "copying")
                     await self._copy()
-                    await self.test_pause("finishing")
+                    await test_pause(self, "finishing")
+                    # who could have written during the snapshot: processes born after this
+                    # (a fork chain's next one, once we released) could not
+                    self._existed = set(all_pids())
                     scope.cancel()
             if self.failure:
                 raise SnapshotFailed(self.failure)
@@ -166,7 +173,7 @@ class Run:
                 await self._release()
                 facts = self._final_facts()
         self._verdict(*facts)
-        return self._summary()
+        return _summary(self)
 
     def _peer_pids(self) -> set[int]:
         return {pid for p in self.coord.peers for pid in p.pids}
@@ -189,15 +196,25 @@ class Run:
             while True:
                 while not self.policy.all_protected():
                     await self.changed.wait()
-                await self.test_pause("protecting")
+                await test_pause(self, "protecting")
                 if hooks.get("ignore_late_mappers"):  # wrong on purpose
                     return
-                untracked = coord.untracked_writers(self.policy.tracked_pids())
                 tracked = self.policy.tracked_pids()
-                children = any(parent_pid(pid) in tracked for pid in untracked)
+                try:
+                    untracked = coord.untracked_writers(tracked)
+                except ScanUnstable as e:
+                    self.policy.fail(str(e))
+                    break
+                attachable = coord.attachable(untracked)
+                # children of tracked processes (a fork event brought their uffd; the agent
+                # reports them once found), or already registered: wait for their report
+                children = any(parent_pid(pid) in tracked or pid not in attachable
+                               for pid in untracked)
                 settled = forks_settled_at is not None and trio.current_time() >= forks_settled_at
                 decision = self.policy.before_t([_name(p) for p in untracked], children,
                                                 coord.attacher is not None, settled)
+                log.debug("before T: tracked %s, untracked %s (attachable %s): %s",
+                          sorted(tracked), untracked, attachable, decision.value)
                 if decision == BeforeT.DECLARE_T:
                     return
                 if decision == BeforeT.FAIL:
@@ -208,7 +225,7 @@ class Run:
                     with trio.move_on_at(forks_settled_at):
                         await self.changed.wait()  # an agent reports its children
                     continue
-                await coord.attach(untracked)  # they join mid-protect and are sent Protect
+                await coord.attach(attachable)  # they join mid-protect and are sent Protect
         if timeout.cancelled_caught:
             self.policy.protect_timed_out(coord.protect_timeout)
         self._note_failure()
@@ -261,9 +278,13 @@ class Run:
         coord = self.coord
         alive = {p: p.any_alive() for p in self.policy.members}  # type: ignore[attr-defined]
         skip = coord.test_hooks.get("no_protect") or coord.test_hooks.get("ignore_late_mappers")
-        untracked = [] if skip else [_name(p) for p in coord.untracked_writers(
-            {pid for p, lives in alive.items() if lives for pid in p.pids}
-            | self.policy.tracked_pids())]
+        try:
+            untracked = [] if skip else [
+                _name(p) for p in coord.untracked_writers(self.policy.tracked_pids())
+                if p in self._existed]
+        except ScanUnstable as e:
+            self.policy.fail(str(e))
+            untracked = []
         return alive, untracked
 
     def _verdict(self, alive: dict[Peer, bool], untracked: list[str]) -> None:
@@ -283,47 +304,6 @@ class Run:
         if peer in self.policy.members and not peer.released.is_set() and peer.any_alive():
             self.fail(f"agent for pid {peer.pid} ({peer.comm}) lost: its fault channel closed")
 
-    def _summary(self) -> dict[str, Any]:
-        members = list(self.policy.members)
-        return _report.summary(
-            mode="delegated" if self.coord.delegate else "agents", obj=self.coord.obj,
-            timeline=self.timeline, core=self.core.stats(),
-            processes=[p.describe() for p in members],  # type: ignore[attr-defined]
-            gone=[{**k.describe(), "reason": why} for k, _m, why in self.policy.departed],
-            agent_hists=[(p.release_stats.service_hist, p.release_stats.service_max_ns)
-                         for p in members if p.release_stats],  # type: ignore[attr-defined]
-            faults=self.policy.faults, duplicate_faults=self.policy.duplicate_faults,
-            held_wait_max_ns=self.held_wait_max_ns, fault_channels=self.link.fault_channels,
-            bytes_scanned=self.bytes_scanned)
-
-    # ---- test hooks ------------------------------------------------------------------------
-
-    async def test_pause(self, phase: str) -> None:
-        """Test hooks: `at_phase` (our test's code, in-process), or `pause_in` (say so on
-        stderr and stay in this phase, serving faults, until SIGUSR1, an agent joins or leaves,
-        the snapshot fails, or we are killed). Once per phase per snapshot."""
-        hooks = self.coord.test_hooks
-        at_phase: Callable[[], Awaitable[None]] | None = hooks.get("at_phase", {}).get(phase)
-        if phase in self._paused or (at_phase is None and hooks.get("pause_in") != phase):
-            return
-        self._paused.add(phase)
-        if at_phase is not None:
-            await at_phase()
-            return
-        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-            log.warning("test hook: paused in %s", phase)
-            async with trio.open_nursery() as nursery:
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        break
-                    nursery.cancel_scope.cancel()
-
-                async def on_peers() -> None:
-                    await self.coord.peers_changed.wait()
-                    nursery.cancel_scope.cancel()
-                nursery.start_soon(on_signal)
-                nursery.start_soon(on_peers)
-
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
@@ -339,3 +319,54 @@ def _is_hole(fd: int, offset: int) -> bool:
         return os.lseek(fd, offset, os.SEEK_DATA) != offset
     except OSError:
         return True  # ENXIO: no data at or after offset
+
+
+def _summary(run: Run) -> dict[str, Any]:
+    members = list(run.policy.members)
+
+    def described(peer: Peer, member: Member) -> dict[str, Any]:
+        # every child it tracked during the snapshot, those that exited since included
+        stats = peer.release_stats
+        return {**peer.describe(), "children": sorted(member.children_seen),
+                "children_unnamed": stats.unnamed_children if stats else 0}
+
+    return _report.summary(
+        mode="delegated" if run.coord.delegate else "agents", obj=run.coord.obj,
+        timeline=run.timeline, core=run.core.stats(),
+        processes=[described(p, run.policy.members[p]) for p in members],  # type: ignore
+        gone=[{**described(k, m), "reason": why} for k, m, why in run.policy.departed],
+        agent_hists=[(p.release_stats.service_hist, p.release_stats.service_max_ns)
+                     for p in members if p.release_stats],  # type: ignore[attr-defined]
+        faults=run.policy.faults, duplicate_faults=run.policy.duplicate_faults,
+        held_wait_max_ns=run.held_wait_max_ns, fault_channels=run.link.fault_channels,
+        bytes_scanned=run.bytes_scanned)
+
+
+async def test_pause(run: Run, phase: str) -> None:
+    """Test hooks: `at_phase` (our test's code, in-process), or `pause_in` (say so on
+    stderr and stay in this phase, serving faults, until SIGUSR1, an agent joins or leaves,
+    the snapshot fails, or we are killed). Once per phase per snapshot."""
+    hooks = run.coord.test_hooks
+    at_phase: Callable[[], Awaitable[None]] | None = hooks.get("at_phase", {}).get(phase)
+    if phase in run.paused_in or (at_phase is None and hooks.get("pause_in") != phase):
+        return
+    run.paused_in.add(phase)
+    if at_phase is not None:
+        await at_phase()
+        return
+    # the change to wait for is any after we say we paused (the test acts on that line,
+    # and what it causes may be handled before our waiting task first runs)
+    changed = run.coord.peers_changed
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        log.warning("test hook: paused in %s", phase)
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+
+            async def on_peers() -> None:
+                await changed.wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(on_signal)
+            nursery.start_soon(on_peers)

@@ -25,7 +25,7 @@ from uffdsnap.image import ImageWriter
 from uffdsnap.native import core as native_core
 from uffdsnap.native.core import SnapCore
 from uffdsnap.native.pidfd import pidfd_open
-from uffdsnap.procfs import SharedObject, find_mappers, mappings_of
+from uffdsnap.procfs import SharedObject, find_mappers, mappings_of, registered_mapper
 from uffdsnap.protocol import (
     PROTOCOL_VERSION,
     Abort,
@@ -202,6 +202,7 @@ class Coordinator:
             elif isinstance(msg, Delegate | FaultChannel):
                 self._lend(peer, msg, fds[0])
             elif isinstance(msg, Tracked):
+                log.debug("agent for pid %d tracks %s", peer.pid, list(msg.pids))
                 peer.pids = set(msg.pids)
                 if run is not None:
                     run.policy.tracked(peer, msg.pids)
@@ -251,6 +252,11 @@ class Coordinator:
         mappers = find_mappers(self.obj.object_id, exclude={os.getpid()})
         return sorted(pid for pid, maps in mappers.items()
                       if pid not in tracked and any(m.writable for m in maps))
+
+    def attachable(self, pids: list[int]) -> list[int]:
+        """Those of `pids` an agent could attach to: not already registered with a uffd (a
+        child of a tracked process, which its agent is about to report)."""
+        return [pid for pid in pids if not registered_mapper(pid, self.obj.object_id)]
 
     async def attach(self, pids: list[int]) -> None:
         """Start attach agents for `pids` and wait until each has joined or its process is gone."""

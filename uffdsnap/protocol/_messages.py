@@ -8,7 +8,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_MESSAGE_BYTES = 4 << 20
 MAX_RANGES = 4096
 # A process can hold at most vm.max_map_count (65530 by default) mappings: a `protected` or
@@ -128,7 +128,7 @@ class Released(Message):
 
     TYPE = "released"
     KINDS = {"snapshot": "u", "faults": "u", "service_hist": "hist", "service_max_ns": "u",
-             "escapes": "texts"}
+             "escapes": "texts", "unnamed_children": "u"}
     snapshot: int
     faults: int = 0
     service_hist: tuple[tuple[int, int], ...] = ()  # (bucket, count), see stats.LatencyHistogram
@@ -137,6 +137,9 @@ class Released(Message):
     # was not protected: grown in place, mapped anew, in a process that exec'd): any fails the
     # snapshot.
     escapes: tuple[str, ...] = ()
+    # children it tracked from birth (their uffds came with fork events) that exited before
+    # their pid could be learned: tracked, but not named in `tracked`
+    unnamed_children: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,88 @@
+/*
+ * chain — a workload writer that lives as a chain of short-lived processes: each one writes as
+ * writer I for --lifetime-ms, then forks its successor (which carries on as writer I from the
+ * seq in the counter page) and exits. Like a daemon that re-execs itself, or a pre-forking
+ * server recycling its workers, faster than an agent can be started for each.
+ *
+ * usage: chain --object PATH --index I [--lifetime-ms L] [--rate R]
+ * Prints "ready pid=P index=I" once (the first process, flushed); each process prints nothing
+ * else. Stops when the header's stop word is set (the current process exits 0).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define HELPER_NAME "chain"
+#define HELPER_INT_BASE 10
+#include "util.h"
+#include "workload.h"
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "object", required_argument, NULL, 'o' },
+        { "index", required_argument, NULL, 'i' },
+        { "lifetime-ms", required_argument, NULL, 'l' },
+        { "rate", required_argument, NULL, 'r' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *path = NULL;
+    uint64_t index = UINT64_MAX, lifetime_ms = 30;
+    double rate = 0;
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (c == 'o')
+            path = optarg;
+        else if (c == 'i')
+            index = parse_u64("--index", optarg);
+        else if (c == 'l')
+            lifetime_ms = parse_u64("--lifetime-ms", optarg);
+        else if (c == 'r')
+            rate = parse_rate("--rate", optarg);
+        else
+            die(2, "usage: chain --object PATH --index I [--lifetime-ms L] [--rate R]");
+    }
+    if (!path || index == UINT64_MAX)
+        die(2, "usage: chain --object PATH --index I [--lifetime-ms L] [--rate R]");
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        die(2, "open %s: %s", path, strerror(errno));
+    uint64_t h[H_WORDS];
+    struct wl_layout lay;
+    if (pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h || wl_layout_from_header(&lay, h) ||
+        index >= lay.nwriters)
+        die(2, "%s: not a workload object, or --index out of range", path);
+    volatile uint64_t *all = mmap(NULL, lay.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (all == MAP_FAILED)
+        die(1, "mmap: %s", strerror(errno));
+    close(fd);
+    struct wl_writer w;
+    wl_view_of_whole(&w.views[0], all, &lay, index);
+    wl_writer_init(&w, &lay, index, 1, (uint64_t)getpid());
+    printf("ready pid=%d index=%" PRIu64 "\n", getpid(), index);
+    fflush(stdout);
+    for (;;) { /* one generation */
+        const uint64_t born = now_ns(), ops0 = w.ops;
+        while (now_ns() - born < lifetime_ms * 1000000ULL) {
+            if (wl_stopped(&w))
+                return 0;
+            if (rate > 0)
+                sleep_until_ns(born + (uint64_t)((double)(w.ops - ops0) * 1e9 / rate));
+            if (wl_step(&w))
+                return 1;
+        }
+        pid_t child = fork();
+        if (child < 0)
+            die(1, "fork: %s", strerror(errno));
+        if (child > 0)
+            _exit(0); /* the successor carries on */
+        wl_writer_init(&w, &lay, index, 1, (uint64_t)getpid()); /* resume from the counter */
+    }
+}

@@ -1,0 +1,113 @@
+"""Attaching through the agent host: processes that live for tens of milliseconds (a fork chain)
+are caught and tracked from birth, many processes are joined and protected in one snapshot,
+and the host's death releases every target it holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from conftest import (
+    SPAWNED,
+    make_workload,
+    needs_root,
+    running_coordinator,
+    start_writers,
+    stop_writers,
+)
+from procutil import assert_nothing_published, assert_writers_resume, wait_gone, wait_line
+from uffdsnap import workload as wl
+from uffdsnap.image import verify
+from uffdsnap.testing import build as devbuild
+
+pytestmark = needs_root
+
+
+def _snapshot(shm_path: str, out: str, mode: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "uffdsnap", "snapshot", "-v", "--shm", shm_path,
+                           "-o", out, "--json", "--mode", mode], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+@pytest.mark.parametrize("lifetime_ms", [50, 200])
+def test_fork_chain_is_caught_and_tracked_from_birth(lifetime_ms: int, mode: str,
+                                                     shm_path: str, tmp_path: Path) -> None:
+    """Writer 0 is a chain of processes, each forking its successor and exiting every
+    `lifetime_ms`: the agent host attaches the current one before it is gone, and once it is
+    protected its forks are tracked from birth. Three snapshots in a row, each one instant."""
+    make_workload(shm_path, 2, data_pages=256)
+    chain = subprocess.Popen([str(devbuild.build("chain")), "--object", shm_path, "--index",
+                              "0", "--lifetime-ms", str(lifetime_ms)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    SPAWNED.append(chain)
+    plain = start_writers(shm_path, native=1, first_index=1)
+    try:
+        wait_line(chain.stdout, "ready")
+        for n in range(3):
+            out = str(tmp_path / f"chain{n}.img")
+            before = wl.read_live_seqs(shm_path)
+            proc = _snapshot(shm_path, out, mode)
+            assert proc.returncode == 0, proc.stderr
+            result = wl.check_file(out)
+            assert result.ok, result.summary()
+            assert verify(out).ok
+            assert result.seqs[0] >= before[0]  # the chain's state, between start and end
+            summary = json.loads(proc.stdout)
+            assert summary["processes"], summary
+    finally:
+        wl.set_stop(shm_path)
+        stop_writers(shm_path, plain)
+
+
+async def test_sixty_four_writers_joined_and_protected(shm_path: str, tmp_path: Path) -> None:
+    """64 writer processes, each attached (one host), protected and tracked: one instant."""
+    make_workload(shm_path, 64, data_pages=16)
+    writers = await trio.to_thread.run_sync(lambda: start_writers(shm_path, native=64,
+                                                                  rate=2000))
+    try:
+        async with running_coordinator(shm_path, tmp_path) as (coordinator, _sock):
+            out = str(tmp_path / "many.img")
+            summary = await coordinator.snapshot(out)
+            hosts = {coordinator.attacher.host_pid}
+        assert sorted(p["pid"] for p in summary["processes"]) == sorted(w.pid for w in writers)
+        assert len(hosts) == 1  # every one of them through one agent host
+        result = wl.check_file(out)
+        assert result.ok, result.summary()
+    finally:
+        await trio.to_thread.run_sync(stop_writers, shm_path, writers)
+
+
+async def test_killing_the_agent_host_mid_copy_releases_every_target(shm_path: str,
+                                                                     tmp_path: Path) -> None:
+    """The host holds every target's uffd: killed mid-copy (held there by a test hook, writers
+    shown blocked or running), every writer is released within the resume limit, the snapshot
+    fails naming them, and nothing is published."""
+    make_workload(shm_path, 4, data_pages=256)
+    writers = await trio.to_thread.run_sync(lambda: start_writers(shm_path, native=4))
+    out = str(tmp_path / "x.img")
+    killed: list[int] = []
+    try:
+        async with running_coordinator(shm_path, tmp_path) as (coordinator, _sock):
+            async def during_copy() -> None:
+                host = coordinator.attacher.host_pid
+                os.kill(host, signal.SIGKILL)
+                killed.append(host)
+                await trio.to_thread.run_sync(assert_writers_resume, shm_path, writers)
+
+            coordinator.test_hooks["at_phase"] = {"copying": during_copy}
+            from uffdsnap.errors import SnapshotFailed
+
+            with pytest.raises(SnapshotFailed, match="lost|left"):
+                await coordinator.snapshot(out)
+        wait_gone(killed)
+        assert_nothing_published(out)
+    finally:
+        await trio.to_thread.run_sync(stop_writers, shm_path, writers)
