@@ -69,19 +69,23 @@ def assert_writers_resume(path: str, writers: list[wl.WriterProcess]) -> None:
 
 
 def children_agents(parent: int) -> list[int]:
-    """Pids of `uffdsnap agent` processes whose parent is `parent`."""
+    """Pids of agent processes (`uffdsnap agent`, or an agent host forked by its coordinator)
+    whose parent is `parent`."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            comm = stat.split("(", 1)[1].rsplit(")", 1)[0]
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 cmd = f.read().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == parent and b"agent" in cmd:
+        # (an agent host forked by `snapshot` or `coordinator` keeps their command line)
+        if ppid == parent and (b"agent" in cmd or comm == "uffdsnap-agents"):
             found.append(int(name))
     return found
 

@@ -13,17 +13,40 @@ from __future__ import annotations
 import os
 import socket as stdsocket
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from uffdsnap import testhooks
+from uffdsnap.agent._host import fork_host
 from uffdsnap.coordinator import Coordinator
+from uffdsnap.coordinator._attach import ForkedHost
 from uffdsnap.groups import unwrap_group
 from uffdsnap.procfs import SharedObject
+from uffdsnap.stream import StreamOptions
+
+ForkedHostFds = tuple[int, int, int, int]  # pid, and our ends of its stdin, stdout, stderr
+
+
+@contextmanager
+def forked_agent_host(test_hooks: testhooks.Hooks | None = None
+                      ) -> Iterator[tuple[str, ForkedHostFds]]:
+    """Before trio runs: a private socket path for a coordinator, and an agent host for it,
+    forked from this process (ready at once: no interpreter to start; see
+    agent._host.fork_host). Pass both to `hosted` (socket_path=, agent_host=)."""
+    with tempfile.TemporaryDirectory(prefix="uffdsnap-") as tmp:
+        path = os.path.join(tmp, "coordinator.sock")
+        yield path, fork_agent_host(path, test_hooks)
+
+
+def fork_agent_host(socket_path: str, test_hooks: testhooks.Hooks | None = None
+                    ) -> ForkedHostFds:
+    """Before trio runs: an agent host for the coordinator that will serve at `socket_path`,
+    forked from this process (see agent._host.fork_host)."""
+    return fork_host(socket_path, (test_hooks or {}).get("agent") or {})
 
 
 @dataclass(frozen=True)
@@ -46,10 +69,12 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
                  protect_timeout: float = 30.0, join_timeout: float | None = None,
                  delegate: bool = False,
                  on_progress: Callable[[int, int], None] | None = None,
-                 test_hooks: testhooks.Hooks | None = None) -> AsyncIterator[Host]:
+                 test_hooks: testhooks.Hooks | None = None,
+                 agent_host: ForkedHostFds | None = None) -> AsyncIterator[Host]:
     """A coordinator for `obj`, serving on `socket_path` (a fresh private one if None) for the
     duration of the block; with `attach`, it attaches an agent to every writable mapper without
-    one at each snapshot. Exceptions leave the block as themselves, not as groups."""
+    one at each snapshot (through `agent_host` if given: see forked_agent_host). Exceptions
+    leave the block as themselves, not as groups."""
     async with AsyncExitStack() as stack:
         if socket_path is None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="uffdsnap-"))
@@ -60,7 +85,8 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
                                   join_timeout=join_timeout,
                                   attach_path=socket_path if attach else None,
                                   delegate=delegate, on_progress=on_progress,
-                                  test_hooks=test_hooks)
+                                  test_hooks=test_hooks,
+                                  agent_host=ForkedHost(*agent_host) if agent_host else None)
         with unwrap_group():
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.serve, listener)
@@ -73,7 +99,9 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
 
 
 async def attach_and_snapshot(obj: SharedObject, output: str, *, overwrite: bool = False,
+                              stream: StreamOptions | None = None,
                               **options: Any) -> dict[str, Any]:
-    """Attach to every writable mapper of `obj` and take one snapshot into `output`."""
+    """Attach to every writable mapper of `obj` and take one snapshot into `output` (or, with
+    `stream`, streamed to a receiver)."""
     async with hosted(obj, **options) as host:
-        return await host.coordinator.snapshot(output, overwrite=overwrite)
+        return await host.coordinator.snapshot(output, overwrite=overwrite, stream=stream)

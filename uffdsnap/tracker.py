@@ -122,6 +122,17 @@ class Tracker:
         self.registered = [(m.start, m.end) for m in self.mappings]
         return self.mappings
 
+    def register_all(self) -> None:
+        """Register (not protect) every shared mapping of the object in the process: from now
+        on its forks come to us as events, so a child forked before we protect is tracked from
+        birth (a process that forks its successor and exits is followed, not chased)."""
+        self.refresh()
+        if not self.registered:
+            self.registered_since = boot_ticks()
+        for m in list(self.mappings):
+            if self._register(m) and (m.start, m.end) not in self.registered:
+                self.registered.append((m.start, m.end))
+
     def protect_registered(self) -> None:
         """Write-protect every registered range (a child born in the middle of its parent's
         protect may have inherited registered but not yet protected pages; protecting a page

@@ -10,6 +10,7 @@ out — coordinator gone, abort, protocol error, signal, crash — releases prot
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable
 
@@ -26,6 +27,8 @@ from uffdsnap.native.pidfd import pidfd_open
 from uffdsnap.procfs import ObjectId, process_comm
 from uffdsnap.protocol import PROTOCOL_VERSION, Hello, ProtocolError, Role, Welcome
 from uffdsnap.tracker import Tracker
+
+log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 30.0
 # Features asked of the kernel for a snapshot uffd (those it lacks are simply not requested,
@@ -78,8 +81,11 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
             agent.delegate = welcome.delegate
             agent.page_size = welcome.page_size
             agent.object_id = obj
-            agent.add(Tracker(uffd, pid, obj, welcome.page_size, pidfd=pidfd))
+            tracker = Tracker(uffd, pid, obj, welcome.page_size, pidfd=pidfd)
             uffd = pidfd = -1  # the tracker owns them now
+            if mode == "attach":  # (joined for a snapshot that is about to protect)
+                _register_early(tracker)
+            agent.add(tracker)
             if on_joined is not None:
                 on_joined()
             with unwrap_group():
@@ -92,6 +98,15 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
             os.close(uffd)
         if pidfd >= 0:
             os.close(pidfd)
+
+
+def _register_early(tracker: Tracker) -> None:
+    """Register an attached process at once, so that what it forks before we protect it is
+    ours from birth; if that fails, protecting will say why (or find it gone)."""
+    try:
+        tracker.register_all()
+    except (KernelError, OSError) as e:
+        log.debug("registering pid %s early: %s", tracker.pid, e)
 
 
 __all__ = ["Agent", "WANTED_FEATURES", "negotiate", "report", "run_agent"]

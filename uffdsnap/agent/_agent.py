@@ -106,6 +106,8 @@ class Agent:
         """Stop tracking one process (it exited or exec'd away from the object), and tell the
         coordinator: a process that lives on (exec) is then no longer counted as tracked."""
         if tracker in self.trackers:
+            log.debug("pid %s: no longer tracked (%d events read, not handled)", tracker.pid,
+                      len(tracker.backlog))
             self.trackers.remove(tracker)
             if tracker.pid is None and tracker.born_in_snapshot:
                 self.unnamed_children += 1  # tracked from birth, gone before /proc showed it
@@ -120,6 +122,15 @@ class Agent:
                 del self.departed[next(iter(self.departed))]
             for msg in late:
                 departed_event(self, tracker.ident, msg)
+            # forks an ioctl of ours read while retrying (EAGAIN), not handled yet: the children
+            # live on, registered and perhaps protected
+            forks = [e for e in tracker.backlog if isinstance(e, K.Fork)]
+            tracker.backlog.clear()
+            for fork in forks:
+                if self._nursery is not None:
+                    adopt_child(self, tracker, fork.uffd)
+                else:
+                    os.close(fork.uffd)  # we are ending: our uffds all close
             # tasks may be waiting on these fds: wake them (they see the tracker gone)
             trio.lowlevel.notify_closing(tracker.uffd)
             if tracker.pidfd >= 0:

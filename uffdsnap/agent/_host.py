@@ -14,23 +14,33 @@ it holds; one target's failure ends only that target's agent.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 
 import trio
 
 from uffdsnap import testhooks
 from uffdsnap.errors import UserError
-from uffdsnap.native.libc import KernelError
+from uffdsnap.native.libc import KernelError, set_process_name
 
 log = logging.getLogger(__name__)
+
+HOST_NAME = "uffdsnap-agents"  # a forked host's process name (/proc/PID/comm)
 
 
 async def run_host(coordinator: str, test_hooks: testhooks.Hooks,
                    say: Callable[[str], None]) -> None:
     """Serve `attach PID` requests from stdin until it closes or a signal ends us; every
     target's agent then releases it."""
+    # what attaching needs, imported (and the native core loaded) before the first request:
+    # nothing heavy on the attach path
+    import uffdsnap.inject  # noqa: F401
+    from uffdsnap.native import core as snapcore
+
+    snapcore.load()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_end_on_signal, nursery.cancel_scope)
         async for line in _lines(trio.lowlevel.FdStream(sys.stdin.fileno())):
@@ -42,20 +52,62 @@ async def run_host(coordinator: str, test_hooks: testhooks.Hooks,
         nursery.cancel_scope.cancel()  # the coordinator is done with us
 
 
+def fork_host(coordinator: str, test_hooks: testhooks.Hooks) -> tuple[int, int, int, int]:
+    """Start an agent host as a fork of this process: it has imported what it needs already, so
+    it is ready in a millisecond instead of an interpreter's start-up. Call it before trio runs
+    (a fork carries only the calling thread). Returns (pid, its stdin, stdout, stderr) as our
+    ends of three pipes; the host serves until its stdin closes, as `uffdsnap agent --host`."""
+    import uffdsnap.inject  # noqa: F401  (now, not in each child)
+
+    pipes = [os.pipe() for _ in range(3)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the host: nothing of ours returns from here
+        code = 1
+        try:
+            for n, (r, w) in enumerate(pipes):
+                os.dup2(r if n == 0 else w, n)
+                os.close(r)
+                os.close(w)
+            set_process_name(HOST_NAME)  # (its command line is still the command's)
+            trio.run(run_host, coordinator, test_hooks, _say)
+            code = 0
+        except BaseException as e:  # one line on stderr, as the CLI would
+            print(f"uffdsnap: error: agent host: {_one_line(e)}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    for n, (r, w) in enumerate(pipes):
+        os.close(r if n == 0 else w)
+    return pid, pipes[0][1], pipes[1][0], pipes[2][0]
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 async def _serve_target(coordinator: str, pid: int, hooks: testhooks.Hooks,
                         say: Callable[[str], None]) -> None:
     from uffdsnap.agent import run_agent
     from uffdsnap.inject import create_uffd_in
 
+    t0 = time.monotonic()
     try:
-        uffd, _route = await trio.to_thread.run_sync(create_uffd_in, pid)
+        uffd, route = await trio.to_thread.run_sync(create_uffd_in, pid)
     except (UserError, KernelError, OSError) as e:
         say(f"failed {pid} {_one_line(e)}")
         return
+    t1 = time.monotonic()
+
+    def joined() -> None:
+        log.debug("pid %d: uffd injected in %.1f ms (%s), joined %.1f ms later", pid,
+                  (t1 - t0) * 1e3, route, (time.monotonic() - t1) * 1e3)
+        say(f"joined {pid}")
+
     try:
-        reason = await run_agent(coordinator, pid, uffd, "attach",
-                                 on_joined=lambda: say(f"joined {pid}"), test_hooks=hooks,
-                                 handle_signals=False)
+        reason = await run_agent(coordinator, pid, uffd, "attach", on_joined=joined,
+                                 test_hooks=hooks, handle_signals=False)
     except Exception as e:  # contained: the other targets' agents go on
         log.error("agent for pid %d: %s", pid, _one_line(e),
                   exc_info=log.isEnabledFor(logging.DEBUG))

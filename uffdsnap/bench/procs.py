@@ -238,7 +238,7 @@ def _read_line(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
     raise BenchError(f"{what} did not answer within {timeout:g} s")
 
 
-def _expect(proc: subprocess.Popen[str], word: str, what: str,
+def expect(proc: subprocess.Popen[str], word: str, what: str,
             timeout: float = READY_TIMEOUT_S) -> str:
     line = _read_line(proc, timeout, what)
     if not line.startswith(word):
@@ -270,7 +270,7 @@ def start_writers(ws: Workspace, obj: BenchObject, n: int, *, rate: float | None
             argv += ["--uffd-sock", uffd_sock]
         writers.append(Writer(ws.start(argv), log))
     for i, w in enumerate(writers):
-        _expect(w.proc, "ready", f"writer {i} (pid {w.proc.pid})")
+        expect(w.proc, "ready", f"writer {i} (pid {w.proc.pid})")
     return writers
 
 
@@ -390,12 +390,12 @@ def start_handler(ws: Workspace, obj: BenchObject, nprocs: int) -> Handler:
     proc = ws.start([str(devbuild.build("bench_handler")), "--listen", sock, "--procs",
                      str(nprocs), "--object", obj.path, "--dest", dest],
                     stdin=subprocess.PIPE)
-    _expect(proc, "listening", "the native handler")
+    expect(proc, "listening", "the native handler")
     return Handler(proc, sock, dest)
 
 
 def handler_ready(h: Handler) -> None:
-    _expect(h.proc, "ready", "the native handler")
+    expect(h.proc, "ready", "the native handler")
 
 
 def run_native(ws: Workspace, h: Handler, timeout: float) -> dict[str, Any]:

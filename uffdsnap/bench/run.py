@@ -14,6 +14,9 @@ from uffdsnap.bench.config import BenchConfig, plan
 from uffdsnap.bench.procs import BenchError
 from uffdsnap.bench.report import scenarios, table
 from uffdsnap.bench.scenarios import run_all
+from uffdsnap.bench.streaming import rows as streaming_rows
+from uffdsnap.bench.streaming import run_streaming
+from uffdsnap.bench.timetot import run_time_to_t
 from uffdsnap.errors import UserError
 from uffdsnap.native.libc import KernelError
 from uffdsnap.native.uffd import create_uffd
@@ -49,10 +52,14 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print,
     t0 = time.monotonic()
     try:
         results, info = run_all(cfg, sessions, dest, say)
+        time_to_t = run_time_to_t(cfg, dest, say)
+        streaming = run_streaming(cfg, dest, say)
     finally:
         shutil.rmtree(dest, ignore_errors=True)
     sc = scenarios(results, list(cfg.modes))
-    rows = table(sc)
+    sc["time_to_t"] = time_to_t
+    sc["streaming"] = streaming
+    rows = table(sc) + streaming_rows(streaming)
     skipped = [{"session": r["name"], "reason": r["skipped"]} for r in results if r.get("skipped")]
     errors = [{"session": r["name"], "event": ev, "error": msg}
               for r in results for ev, msg in r.get("errors", {}).items()]

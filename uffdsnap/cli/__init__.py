@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 def _configure_logging(verbose: bool) -> None:
     """Warnings and errors of every module on stderr; everything with --verbose."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
-                        format="uffdsnap: %(levelname)s %(name)s: %(message)s" if verbose
-                        else "uffdsnap: %(message)s")
+                        format=("uffdsnap: %(relativeCreated)7.1f ms %(levelname)s %(name)s: "
+                                "%(message)s") if verbose else "uffdsnap: %(message)s")
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

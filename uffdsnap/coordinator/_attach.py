@@ -10,7 +10,10 @@ the coordinator kills it when one of its agents stops answering.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +23,7 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.errors import SnapshotFailed
+from uffdsnap.native.pidfd import pidfd_open
 from uffdsnap.procfs import process_running
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,34 @@ class Target:
     reason: str = ""
 
 
+class ForkedHost:
+    """An agent host forked before trio started (agent._host.fork_host), seen through the part
+    of trio.Process's interface the Attacher uses."""
+
+    def __init__(self, pid: int, stdin: int, stdout: int, stderr: int):
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdin = trio.lowlevel.FdStream(stdin)
+        self.stdout = trio.lowlevel.FdStream(stdout)
+        self.stderr = trio.lowlevel.FdStream(stderr)
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            pidfd = pidfd_open(self.pid)
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
 def agent_command(coordinator: str, *args: str) -> list[str]:
     # -P: never import a uffdsnap/ from the current directory (a source tree) instead of ours
     return [sys.executable, "-P", "-m", "uffdsnap", "agent", "--coordinator", coordinator,
@@ -43,11 +75,13 @@ def agent_command(coordinator: str, *args: str) -> list[str]:
 class Attacher:
     """The agent host of one coordinator and the targets it was asked for."""
 
-    def __init__(self, coordinator_path: str, test_hooks: testhooks.Hooks | None = None):
+    def __init__(self, coordinator_path: str, test_hooks: testhooks.Hooks | None = None,
+                 forked: ForkedHost | None = None):
         self.coordinator_path = coordinator_path
         self.test_hooks = test_hooks  # passed on to the host's agents (tests only)
         self.targets: dict[int, Target] = {}
-        self.host: trio.Process | None = None
+        self.host: trio.Process | ForkedHost | None = None
+        self._forked = forked  # a host started already, ours to use first
         self._host_gone = trio.Event()
         self._last_error = ""
 
@@ -107,21 +141,26 @@ class Attacher:
         waits for it: it needs nothing from us)."""
         if self.host is not None and self.host.stdin is not None:
             await self.host.stdin.aclose()
+        if self._forked is not None:  # never needed
+            await self._forked.stdin.aclose()
 
-    async def _ensure_host(self, nursery: trio.Nursery) -> trio.Process:
+    async def _ensure_host(self, nursery: trio.Nursery) -> trio.Process | ForkedHost:
         if self.host is not None and not self._host_gone.is_set():
             return self.host
         self._host_gone = trio.Event()
-        self.host = await trio.lowlevel.open_process(
-            agent_command(self.coordinator_path, "--host", *testhooks.argv(self.test_hooks),
-                          *(["-v"] if logging.getLogger("uffdsnap").isEnabledFor(logging.DEBUG)
-                            else [])),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if self._forked is not None:
+            self.host, self._forked = self._forked, None
+        else:
+            self.host = await trio.lowlevel.open_process(
+                agent_command(self.coordinator_path, "--host", *testhooks.argv(self.test_hooks),
+                              *(["-v"] if logging.getLogger("uffdsnap").isEnabledFor(
+                                  logging.DEBUG) else [])),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         nursery.start_soon(self._read_answers, self.host, self._host_gone)
         nursery.start_soon(self._read_errors, self.host)
         return self.host
 
-    async def _read_answers(self, host: trio.Process, gone: trio.Event) -> None:
+    async def _read_answers(self, host: trio.Process | ForkedHost, gone: trio.Event) -> None:
         assert host.stdout is not None
         try:
             async for line in _lines(host.stdout):
@@ -137,7 +176,7 @@ class Attacher:
                 self._end(target, self._last_error or "the agent host exited "
                           f"(status {host.returncode})")
 
-    async def _read_errors(self, host: trio.Process) -> None:
+    async def _read_errors(self, host: trio.Process | ForkedHost) -> None:
         assert host.stderr is not None
         async for line in _lines(host.stderr):
             self._last_error = line.removeprefix("uffdsnap: ").removeprefix("error: ")

@@ -1,6 +1,11 @@
 """The background copy: every page not saved by a fault, read from the object in large windows by
 copy threads (the GIL released: the native core reads, claims and stores), holes skipped with
-SEEK_DATA, each window's content at T checksummed for the manifest."""
+SEEK_DATA, each window's content at T checksummed for the manifest.
+
+Streamed (`snapshot --to`, `stream_all`): the native core saves into a local staging file
+instead of the image; faulted pages are sent from there first (and punched out of it), then one
+scan window at a time, each sent before the next is copied, so the scan goes at the link's
+pace while faults never wait on it."""
 
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from uffdsnap.image import extent_checksum
+from uffdsnap.native.fileops import punch_hole
 from uffdsnap.native.libc import KernelError
+from uffdsnap.stats import size_text
+from uffdsnap.stream import StreamFailed, StreamSender
 
 if TYPE_CHECKING:
     from uffdsnap.image import ImageWriter
@@ -150,3 +158,145 @@ def _copy_loop(core: SnapCore, writer: ImageWriter, scan: CopyScan, buf: bytearr
         scan.stop.set()
         return f"copying: {e}"
     return ""
+
+
+# ---- streamed: `snapshot --to` ---------------------------------------------------------------
+
+FAULT_BATCH_PAGES = 1024  # faulted pages taken from the core at a time (4 MiB of 4 KiB pages)
+
+
+@dataclass(eq=False)
+class StreamJob:
+    """One streamed snapshot: where it goes, and the staging file the core saves into."""
+
+    sender: StreamSender
+    staging_fd: int
+    staging_bytes: int  # --staging: faulted bytes that may wait to be sent
+    object_fields: dict[str, object]  # the HEADER's object (source, kind, dev, inode)
+    staging_where: str = ""
+    faulted_sent: int = 0  # pages sent from staging
+    peak_bytes: int = 0  # the most the staging file held (allocated), sampled at each send
+    sent: list[int] = field(default_factory=list)  # faulted pages sent, not punched out yet
+
+    def punch_sent(self, page_size: int, size: int, *, at_least: int = 0) -> None:
+        """Punch the faulted pages sent so far out of the staging file once there are
+        `at_least` of them: late, so that neighbours sent at different times go in one call
+        (a page sent is never written again: it is saved)."""
+        if not self.sent or len(self.sent) < at_least:
+            return
+        self.sent.sort()
+        for first, count in _runs(self.sent, len(self.sent)):
+            off = first * page_size
+            punch_hole(self.staging_fd, off, min(count * page_size, size - off))
+        self.sent.clear()
+
+    def fault_limit(self, page_size: int) -> int:
+        """The core's limit on faulted pages waiting (one more fails the run: ENOBUFS)."""
+        return max(1, self.staging_bytes // page_size)
+
+
+def staging_overflowed(core: SnapCore) -> bool:
+    """After a failed streamed run: did faulted pages overflow the staging bound?"""
+    try:
+        while core.take_fault_saved(1 << 16):
+            pass
+    except KernelError as e:
+        return e.errno == errno.ENOBUFS
+    return False
+
+
+async def stream_all(core: SnapCore, job: StreamJob, fd: int, size: int, page_size: int,
+                     window: int, t_unix_ns: int, failed: trio.Event,
+                     progress: Callable[[int, int], None] | None,
+                     delay_s: float = 0.0) -> tuple[int, str]:
+    """The streamed copy: HEADER, then window after window (each preceded by the pages
+    writers faulted on meanwhile), then the last faulted pages. Returns (bytes scanned, error
+    or ""); the caller sends END once the snapshot is proven."""
+    sender = job.sender
+    scanned, reported = 0, 0
+    buf = bytearray(window)  # reused: a fresh one per window page-faults
+    try:
+        await sender.header(size, page_size, t_unix_ns, job.object_fields)
+        for start, length, is_data in copy_windows(fd, size, page_size, window):
+            if failed.is_set():
+                return scanned, ""
+            await _send_faulted(core, job, size, page_size)
+            if is_data:
+                if delay_s:  # test hook: a deliberately slow scan
+                    await trio.sleep(delay_s)
+                view = memoryview(buf)[:length]
+                # (on this thread: a hand-off to a worker thread per window cost more than
+                # the copy itself on a loaded machine, and the copy releases the GIL)
+                runs = core.copy_window(start, length, view)
+                for a, b in runs:
+                    b = min(b, size)
+                    await sender.pages(a, view[a - start:b - start])
+                    punch_hole(job.staging_fd, a, b - a)  # the core stored them there too
+                scanned += length
+            else:
+                for piece in range(start, start + length, HOLE_CLAIM_BYTES):
+                    for a, b in core.claim(piece, min(HOLE_CLAIM_BYTES, start + length - piece)):
+                        await sender.hole(a, min(b, size) - a)
+            await sender.flush()
+            end = start + length
+            if progress is not None and (end >= size or end - reported >= PROGRESS_BYTES):
+                reported = end
+                progress(end, size)
+        # every page is saved now: whatever faulted is in the core's list already
+        await _send_faulted(core, job, size, page_size)
+        await sender.flush()
+    except StreamFailed as e:
+        return scanned, str(e)
+    except KernelError as e:
+        if e.errno == errno.ENOBUFS:
+            return scanned, staging_full(job)
+        return scanned, f"streaming: {e}"
+    return scanned, ""
+
+
+def staging_full(job: StreamJob) -> str:
+    return (f"staging full: writers faulted on more than {size_text(job.staging_bytes)} of "
+            f"pages faster than the stream to {job.sender.address} took them; raise "
+            "--staging (or --max-rate, if set), or snapshot when the writers are quieter")
+
+
+async def _send_faulted(core: SnapCore, job: StreamJob, size: int, page_size: int) -> None:
+    """Send every page saved because of a fault so far, from the staging file, in runs of
+    consecutive pages, and punch each out of the file once sent."""
+    limit = max(1, (4 << 20) // page_size)
+    job.peak_bytes = max(job.peak_bytes, os.fstat(job.staging_fd).st_blocks * 512)
+    while pages := core.take_fault_saved(FAULT_BATCH_PAGES):
+        for first, count in _runs(sorted(pages), limit):
+            off = first * page_size
+            length = min(count * page_size, size - off)
+            data = _pread_exact(job.staging_fd, length, off)
+            await job.sender.pages(off, memoryview(data))
+            job.sent.extend(range(first, first + count))
+            job.faulted_sent += count
+        # the staging file holds at most 1.5x --staging of faulted pages: those waiting, and
+        # those sent since the last punch
+        job.punch_sent(page_size, size, at_least=max(1, job.fault_limit(page_size) // 2))
+        if len(pages) < FAULT_BATCH_PAGES:
+            return
+
+
+def _runs(pages: list[int], limit: int) -> Iterator[tuple[int, int]]:
+    """(first page, count) of consecutive pages, at most `limit` each."""
+    i = 0
+    while i < len(pages):
+        j = i + 1
+        while j < len(pages) and pages[j] == pages[j - 1] + 1 and j - i < limit:
+            j += 1
+        yield pages[i], j - i
+        i = j
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        piece = os.pread(fd, n - got, offset + got)
+        if not piece:  # the staging file is the object's size: cannot happen
+            raise KernelError("pread", errno.EIO, f"staging, offset={offset + got:#x}")
+        parts.append(piece)
+        got += len(piece)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -89,7 +89,7 @@ class SnapshotPolicy:
     run_id: int
     page_size: int
     serve_before_t: bool = False
-    max_attach_rounds: int = 8
+    max_attach_rounds: int = 16  # rounds of attaching newcomers before T (fork chains)
     phase: Phase = Phase.JOINING
     failure: str | None = None
     members: dict[Key, Member] = field(default_factory=dict)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from uffdsnap.coordinator import _report
-from uffdsnap.coordinator._copy import copy_all
+from uffdsnap.coordinator._copy import StreamJob, copy_all, stream_all
 from uffdsnap.coordinator._native import CoreLink
 from uffdsnap.coordinator._peers import Peer
 from uffdsnap.coordinator._policy import BeforeT, FaultAction, Member, SnapshotPolicy
@@ -39,10 +39,12 @@ FORK_REPORT_GRACE_S = 2.0  # how long a tracked parent's agent gets to report a 
 class Run:
     """One snapshot in progress: its policy, image, native core, and the I/O that drives it."""
 
-    def __init__(self, coord: Coordinator, run_id: int, writer: ImageWriter, core: SnapCore):
+    def __init__(self, coord: Coordinator, run_id: int, writer: ImageWriter | None,
+                 core: SnapCore, stream: StreamJob | None = None):
         self.coord = coord
         self.id = run_id
-        self.writer = writer
+        self.writer = writer  # the image, or None when streamed (`stream`)
+        self.stream = stream
         self.core = core
         self.policy = SnapshotPolicy(run_id, coord.page_size,
                                      serve_before_t=bool(coord.test_hooks.get("serve_before_t")))
@@ -242,10 +244,17 @@ class Run:
 
     async def _copy(self) -> None:
         coord = self.coord
-        self.bytes_scanned, error = await copy_all(
-            self.core, self.writer, coord.obj.fd, coord.obj.size, coord.page_size,
-            coord.chunk_bytes, self.failed, coord.on_progress,
-            float(coord.test_hooks.get("scan_delay_s", 0)))
+        delay_s = float(coord.test_hooks.get("scan_delay_s", 0))
+        if self.stream is not None:  # to a receiver, at the link's pace
+            self.bytes_scanned, error = await stream_all(
+                self.core, self.stream, coord.obj.fd, coord.obj.size, coord.page_size,
+                coord.chunk_bytes, self.timeline.t_wall, self.failed, coord.on_progress,
+                delay_s)
+        else:
+            assert self.writer is not None
+            self.bytes_scanned, error = await copy_all(
+                self.core, self.writer, coord.obj.fd, coord.obj.size, coord.page_size,
+                coord.chunk_bytes, self.failed, coord.on_progress, delay_s)
         if error:
             self.fail(error)
 

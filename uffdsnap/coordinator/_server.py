@@ -13,12 +13,13 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.channel import Channel, PeerClosed
-from uffdsnap.coordinator._attach import Attacher
-from uffdsnap.coordinator._copy import CHUNK_BYTES
+from uffdsnap.coordinator._attach import Attacher, ForkedHost
+from uffdsnap.coordinator._copy import CHUNK_BYTES, StreamJob
 from uffdsnap.coordinator._native import Idents, check_lent_fd
 from uffdsnap.coordinator._peers import OUTBOX_DEPTH, Peer, send_loop
 from uffdsnap.coordinator._report import flat, manifest_fields
 from uffdsnap.coordinator._run import Run
+from uffdsnap.coordinator._streamed import snapshot_streamed
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.groups import unwrap_group
 from uffdsnap.image import ImageWriter
@@ -45,6 +46,7 @@ from uffdsnap.protocol import (
     Unprotect,
     Welcome,
 )
+from uffdsnap.stream import STREAM_TIMEOUT_S, StreamOptions
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ class Coordinator:
                  attach_path: str | None = None, delegate: bool = False,
                  chunk_bytes: int = CHUNK_BYTES,
                  on_progress: Callable[[int, int], None] | None = None,
-                 test_hooks: testhooks.Hooks | None = None):
+                 test_hooks: testhooks.Hooks | None = None,
+                 agent_host: ForkedHost | None = None):
         native_core.load()  # the native data path, or fail now (one line)
         self.obj = obj
         self.page_size = obj.page_size
@@ -72,8 +75,8 @@ class Coordinator:
         self.test_hooks: testhooks.Hooks = test_hooks or {}
         # With attach_path (this coordinator's own socket), every writable mapper without an
         # agent gets an attach agent at each snapshot, for the duration of that snapshot.
-        self.attacher = (Attacher(attach_path, self.test_hooks.get("agent")) if attach_path
-                         else None)
+        self.attacher = (Attacher(attach_path, self.test_hooks.get("agent"), agent_host)
+                         if attach_path else None)
         # Delegated mode: agents hand us copies of their uffds while protected; our native
         # core reads their faults and un-protects directly, with no message round trips.
         self.delegate = delegate
@@ -133,7 +136,8 @@ class Coordinator:
             msg, _fds = await chan.receive()
             if isinstance(msg, Snap):
                 try:
-                    summary = await self.snapshot(msg.output, overwrite=msg.overwrite)
+                    summary = await self.snapshot(msg.output, overwrite=msg.overwrite,
+                                                  stream=stream_options(msg))
                 except (SnapshotFailed, UserError, OSError) as e:
                     await chan.send(Result(False, str(e) or type(e).__name__, {}))
                 else:
@@ -284,31 +288,54 @@ class Coordinator:
 
     # ---- the snapshot ----------------------------------------------------------------------
 
-    async def snapshot(self, output: str, *, overwrite: bool = False) -> dict[str, Any]:
-        """Take one snapshot into `output`; return its summary or raise SnapshotFailed."""
+    async def snapshot(self, output: str, *, overwrite: bool = False,
+                       stream: StreamOptions | None = None) -> dict[str, Any]:
+        """Take one snapshot into `output`, or streamed to a receiver (`stream`: then
+        `output` is ignored); return its summary or raise SnapshotFailed."""
         async with self._snapshot_lock:
+            if stream is not None:
+                return await snapshot_streamed(self, stream)
             writer = ImageWriter(output, self.obj.size, self.page_size, overwrite=overwrite)
             try:
                 core = SnapCore(self.obj.fd, writer.fd, self.obj.size, self.page_size)
             except BaseException:
                 writer.abort()
                 raise
-            if self.test_hooks.get("unprotect_before_save"):  # wrong on purpose
-                core.set_test_flags(native_core.TEST_UNPROTECT_BEFORE_SAVE)
-            run = Run(self, self._next_id, writer, core)
-            self._next_id += 1
-            for peer in self.peers:
-                run.joined(peer)
-            self.run = run
             try:
-                with unwrap_group():
-                    summary = await run.take()
+                summary = await self.take(core, writer=writer)
                 writer.publish(manifest_fields(self.obj, summary))
                 return summary
             except BaseException:
                 writer.abort()
                 raise
             finally:
-                self.run = None
                 core.close()
 
+    async def take(self, core: SnapCore, *, writer: ImageWriter | None = None,
+                   stream: StreamJob | None = None) -> dict[str, Any]:
+        """One run over `core`, saving into `writer` or streamed (`stream`); under the
+        snapshot lock."""
+        if self.test_hooks.get("unprotect_before_save"):  # wrong on purpose
+            core.set_test_flags(native_core.TEST_UNPROTECT_BEFORE_SAVE)
+        run = Run(self, self._next_id, writer, core, stream)
+        self._next_id += 1
+        for peer in self.peers:
+            run.joined(peer)
+        self.run = run
+        try:
+            with unwrap_group():
+                return await run.take()
+        finally:
+            self.run = None
+
+
+
+def stream_options(msg: Snap) -> StreamOptions | None:
+    """A `snap` request's stream (its `to` and the options that travel with it), if any."""
+    if not msg.to:
+        return None
+    options = StreamOptions(msg.to, msg.compress, msg.max_rate, msg.staging,
+                            msg.stream_timeout_ms / 1000 if msg.stream_timeout_ms else
+                            STREAM_TIMEOUT_S)
+    options.check(remote=True)  # UserError: the client's answer says why
+    return options

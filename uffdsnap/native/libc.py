@@ -92,3 +92,12 @@ def filesystem_type(fd: int) -> int:
     if libc.fstatfs(fd, ctypes.byref(buf)) < 0:
         raise KernelError("fstatfs", ctypes.get_errno(), f"fd={fd}")
     return buf.f_type & 0xFFFFFFFF
+
+
+PR_SET_NAME = 15
+
+
+def set_process_name(name: str) -> None:
+    """Name the calling thread (the process, from its main thread) as ps, top and
+    /proc/PID/comm show it: at most 15 bytes. Best effort: a name is a courtesy."""
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)

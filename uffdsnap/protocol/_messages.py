@@ -8,7 +8,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_MESSAGE_BYTES = 4 << 20
 MAX_RANGES = 4096
 # A process can hold at most vm.max_map_count (65530 by default) mappings: a `protected` or
@@ -227,12 +227,21 @@ class Abort(Message):
 
 @dataclass(frozen=True)
 class Snap(Message):
-    """Client asks the coordinator for one snapshot into `output`."""
+    """Client asks the coordinator for one snapshot into `output`, or, with `to`, streamed to
+    a receiver there (tcp://HOST:PORT or unix:PATH; `output` is then empty) with the stream's
+    options (`max_rate` bytes/s and `staging` bytes, 0: none/default; `stream_timeout_ms`,
+    0: default)."""
 
     TYPE = "snap"
-    KINDS = {"output": "s", "overwrite": "b"}
+    KINDS = {"output": "s", "overwrite": "b", "to": "s", "compress": "b", "max_rate": "u",
+             "staging": "u", "stream_timeout_ms": "u"}
     output: str
     overwrite: bool = False
+    to: str = ""
+    compress: bool = False
+    max_rate: int = 0
+    staging: int = 0
+    stream_timeout_ms: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ The public API is re-exported here flat; the implementation is private:
   _transport  listening, connecting, standard I/O, the reply line (trio)
   _sink       the receiver's ImageWriter: the image has no name until publish
   _receiver   receive_stream, serve (trio)
+  _sender     StreamOptions, the staging file, TokenBucket, StreamSender (trio)
 """
 
 from uffdsnap.stream._address import Address, parse_address
@@ -46,15 +47,27 @@ from uffdsnap.stream._records import (
     decode_reply,
     encode_reply,
 )
+from uffdsnap.stream._sender import (
+    STREAM_TIMEOUT_S,
+    StreamFailed,
+    StreamOptions,
+    StreamSender,
+    TokenBucket,
+    default_staging,
+    open_staging,
+    take_stdout,
+)
 from uffdsnap.stream._sink import UnnamedImageWriter
 from uffdsnap.stream._transport import connect, open_input, open_listener, read_reply
 
 __all__ = [
     "DIGEST_ALGO", "FLAG_ZSTD", "IDLE_TIMEOUT_S", "MAGIC", "MAX_ABORT_PAYLOAD", "MAX_END_PAYLOAD",
     "MAX_HEADER_PAYLOAD", "MAX_OBJECT_PAGES", "MAX_PAGES_DATA", "RECORD_HEADER", "STREAM_FORMAT",
-    "STREAM_VERSION", "Abort", "Address", "Coverage", "Encoder", "End", "Hole", "Kind", "Output",
-    "Pages", "Phase", "ReceiveResult", "Record", "Reply", "StreamDecoder", "StreamError",
-    "StreamHeader", "UnnamedImageWriter", "connect", "data_limit", "decode_reply",
-    "encode_image", "encode_reply", "open_input", "open_listener", "parse_address",
-    "read_reply", "receive_stream", "serve",
+    "STREAM_TIMEOUT_S", "STREAM_VERSION", "Abort", "Address", "Coverage", "Encoder", "End",
+    "Hole", "Kind", "Output", "Pages", "Phase", "ReceiveResult", "Record", "Reply",
+    "StreamDecoder", "StreamError", "StreamFailed", "StreamHeader", "StreamOptions",
+    "StreamSender", "TokenBucket", "UnnamedImageWriter", "connect", "data_limit",
+    "decode_reply", "default_staging", "encode_image", "encode_reply", "open_input",
+    "open_listener", "open_staging", "parse_address", "read_reply", "receive_stream", "serve",
+    "take_stdout",
 ]

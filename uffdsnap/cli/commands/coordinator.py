@@ -13,7 +13,7 @@ from uffdsnap import testhooks
 from uffdsnap.cli.commands.snapshot import add_mode_argument, add_test_hooks_argument
 from uffdsnap.cli.output import say
 from uffdsnap.errors import UserError
-from uffdsnap.hosted import hosted
+from uffdsnap.hosted import ForkedHostFds, fork_agent_host, hosted
 from uffdsnap.procfs import ObjectError, SharedObject, open_object
 
 
@@ -39,8 +39,12 @@ def run(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.listen)
     if os.path.exists(path):
         raise UserError(f"{args.listen} exists (another coordinator, or a stale socket?)")
+    hooks = testhooks.parse(args.test_hooks)
     try:
-        trio.run(lambda: _serve(obj, path, args))
+        # attaching: the agent host is forked now, so the first request does not wait for an
+        # interpreter to start
+        host = fork_agent_host(path, hooks) if args.attach else None
+        trio.run(lambda: _serve(obj, path, args, hooks, host))
     finally:
         obj.close()
         if os.path.exists(path):
@@ -48,13 +52,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(obj: SharedObject, path: str, args: argparse.Namespace) -> None:
+async def _serve(obj: SharedObject, path: str, args: argparse.Namespace,
+                 hooks: testhooks.Hooks, host: ForkedHostFds | None) -> None:
     """Serve until SIGTERM or SIGINT; leaving closes every connection, which releases every
     agent."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with hosted(obj, socket_path=path, attach=args.attach,
                           protect_timeout=args.timeout, delegate=args.mode == "delegated",
-                          test_hooks=testhooks.parse(args.test_hooks)):
+                          test_hooks=hooks, agent_host=host):
             say(f"coordinator listening on {path}")
             async for _ in signals:
                 break
