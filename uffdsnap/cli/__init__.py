@@ -7,9 +7,11 @@ parser, dispatches, and turns every expected failure into one line on stderr and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import NoReturn
 
@@ -70,9 +72,35 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
+# `snapshot` and `coordinator` run at this priority (--nice) when root may set it: the way to T
+# and the copy compete with busy writers for the CPUs.
+DEFAULT_NICE = -10
+
+
+def _early_priority(command: str | None, argv: list[str]) -> None:
+    """Take the priority that --nice asks for (default DEFAULT_NICE) before importing what
+    the command runs: start-up is on the way to T. The command validates --nice and sets it
+    again; anything unparsable here is left to it."""
+    if command not in ("snapshot", "coordinator"):
+        return
+    nice = DEFAULT_NICE
+    for i, word in enumerate(argv):
+        text = argv[i + 1] if word == "--nice" and i + 1 < len(argv) else \
+            word.removeprefix("--nice=") if word.startswith("--nice=") else None
+        if text is not None:
+            try:
+                nice = int(text)
+            except ValueError:
+                return
+    if nice != 0 and -20 <= nice <= 19:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _command_in(argv)
+    _early_priority(command, argv)
     parser = build_parser(only=command) if command else build_parser(only="")
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):

@@ -10,7 +10,12 @@ import signal
 import trio
 
 from uffdsnap import testhooks
-from uffdsnap.cli.commands.snapshot import add_mode_argument, add_test_hooks_argument
+from uffdsnap.cli.commands.snapshot import (
+    add_mode_argument,
+    add_nice_argument,
+    add_test_hooks_argument,
+    apply_nice,
+)
 from uffdsnap.cli.output import say
 from uffdsnap.errors import UserError
 from uffdsnap.hosted import ForkedHostFds, fork_agent_host, hosted
@@ -25,6 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="limit for the protect phase of each snapshot (default 30)")
     add_mode_argument(parser)
+    add_nice_argument(parser)
     parser.add_argument("--attach", action="store_true",
                         help="at each snapshot, attach an agent (ptrace) to every process that "
                              "maps the object writable and has not enlisted")
@@ -32,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_nice(args)
     try:
         obj = open_object(args.shm)
     except ObjectError as e:
