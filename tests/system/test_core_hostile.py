@@ -344,6 +344,36 @@ def test_a_flooding_peer_does_not_starve_the_others(rig: Rig) -> None:
     assert not [e for e in rig.take_events() if e.kind == SC_FAILED]
 
 
+def test_a_round_reads_one_buffer_per_channel(tmp_path: Path) -> None:
+    """The budget itself, deterministically (the flood above may well pause long enough for an
+    unbudgeted core to find its socket empty): with a thousand faults waiting on a channel, one
+    round of the core's work (sc_poll, the fault thread's round run here) takes one buffer's
+    worth (snapcore.c CHAN_IN, 4 KiB), and the next rounds take the rest; the old core read
+    until the socket was empty, all of it with its lock held."""
+    r = Rig(tmp_path)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lib = r.core._lib  # (add_channel would start the fault thread: this test is the thread)
+        assert lib.sc_add_channel(r.core._p(), 1, theirs.fileno()) == 0
+        r.core.go()
+        frame = fault(0)
+        ours.sendall(frame * 1000)
+        r.core.poll(0)
+        first = r.core.stats().faults
+        assert 0 < first <= 4096 // len(frame), f"{first} faults read in one round"
+        rounds = 1
+        while r.core.stats().faults < 1000:
+            assert rounds < 1000, "the rounds stopped reading"
+            r.core.poll(0)
+            rounds += 1
+        assert rounds >= 1000 * len(frame) // 4096
+        assert not [e for e in r.take_events() if e.kind == SC_FAILED]
+    finally:
+        r.close()
+        ours.close()
+        theirs.close()
+
+
 @needs_root
 def test_a_peer_over_the_held_limit_is_closed_and_the_others_served_at_t(rig: Rig) -> None:
     """Before T, a peer sends more faults than any workload blocks on: its channel is closed

@@ -52,6 +52,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -150,6 +151,8 @@ struct sc {
     uint64_t size, page_size, npages, deadline_ns;
     unsigned char *saved;
     pthread_t thread;
+    pthread_t fault_self; /* the fault thread, as it sees itself (valid while fault_self_set) */
+    atomic_int fault_self_set;
     struct uf **ufs;
     size_t nufs, ufs_cap;
     struct held *held, *serving; /* held until T; handed to the fault thread at T */
@@ -209,8 +212,21 @@ static void notify(struct sc *c)
     (void)r; /* a full counter already says "look" */
 }
 
+/* Is the caller the context's fault thread? (Not thread-local storage in this library: dlopen'd
+ * TLS crashes LeakSanitizer's tracer.) */
+static int on_fault_thread(struct sc *c)
+{
+    return atomic_load_explicit(&c->fault_self_set, memory_order_acquire) &&
+        pthread_equal(pthread_self(), c->fault_self);
+}
+
+/* Make the fault thread start a new round (it recomputes what it polls and for how long). Not
+ * from the fault thread itself: it does at the start of every round anyway, and a write here
+ * would cost a fault being served a system call and the thread an empty round. */
 static void wake_thread(struct sc *c)
 {
+    if (on_fault_thread(c))
+        return;
     uint64_t one = 1;
     ssize_t r = write(c->wake_fd, &one, sizeof one);
     (void)r;
@@ -756,15 +772,19 @@ static int read_uf(struct uf *u)
         if (!u->plain_read) {
             n = preadv2(u->fd, &iov, 1, -1, RWF_NOWAIT);
             if (n < 0 && errno == EOPNOTSUPP) {
-                /* a kernel without RWF_NOWAIT for uffds (before 6.8): O_NONBLOCK it is, which a
-                 * peer sharing the description could clear again (documented) */
+                /* a kernel without RWF_NOWAIT for uffds: O_NONBLOCK it is, set before every
+                 * read, which a peer sharing the description could still clear in between
+                 * (documented) */
                 int fl = fcntl(u->fd, F_GETFL);
                 if (fl < 0 || fcntl(u->fd, F_SETFL, fl | O_NONBLOCK) < 0)
                     return -errno;
                 u->plain_read = 1;
                 continue;
             }
-        } else {
+        } else { /* (set again each time: a peer may have cleared it since) */
+            int fl = fcntl(u->fd, F_GETFL);
+            if (fl >= 0 && !(fl & O_NONBLOCK))
+                fcntl(u->fd, F_SETFL, fl | O_NONBLOCK);
             n = read(u->fd, iov.iov_base, iov.iov_len);
         }
         if (!(n < 0 && errno == EINTR))
@@ -793,7 +813,7 @@ static void renew_nonblock(struct uf *u)
 static int drain(struct sc *c, struct uf *u)
 {
     int got = read_uf(u);
-    if (got > 0 && !(c->thread_started && pthread_equal(pthread_self(), c->thread)))
+    if (got > 0)
         wake_thread(c);
     return got;
 }
@@ -837,8 +857,7 @@ static void defer_unprotect(struct sc *c, struct uf *u, uint64_t off, uint64_t l
     }
     if (!u->nretry) {
         u->retry_since = mono_ns();
-        if (!(c->thread_started && pthread_equal(pthread_self(), c->thread)))
-            wake_thread(c);
+        wake_thread(c);
     }
     u->retry[u->nretry++] = (struct span2){ off, len };
 }
@@ -1357,6 +1376,8 @@ static int round_once(struct sc *c, struct pollbuf *pb, uint64_t max_wait_ns)
 static void *fault_loop(void *arg)
 {
     struct sc *c = arg;
+    c->fault_self = pthread_self();
+    atomic_store_explicit(&c->fault_self_set, 1, memory_order_release);
     pthread_setname_np(pthread_self(), "snapcore");
     /* A writer blocked on a fault waits for the coordinator's thread to be scheduled: ask for a
      * larger CPU share than the copy workers' (best effort: needs CAP_SYS_NICE). Not in agents:
@@ -1369,6 +1390,7 @@ static void *fault_loop(void *arg)
     struct pollbuf pb = { 0 };
     while (round_once(c, &pb, UINT64_MAX) == 0)
         ;
+    atomic_store_explicit(&c->fault_self_set, 0, memory_order_release);
     free(pb.pfds);
     free(pb.what);
     return NULL;
