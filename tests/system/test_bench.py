@@ -226,6 +226,12 @@ def test_quick_run_json(tmp_path: Path) -> None:
     assert _ours_everywhere(proc.pid, dest) == []
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT as a terminal gives it (a shell's background job, CI's perhaps,
+    inherits it ignored, and Python then leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_root
 @pytest.mark.slow
 def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
@@ -234,7 +240,7 @@ def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "uffdsnap", "bench", "--quick", "--no-plots",
                              "--dest", str(dest), "--out", str(tmp_path / "out")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_interruptible)
     assert proc.stderr is not None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until a session has writers running

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +69,27 @@ def test_existing_output_is_not_replaced(shm_path: str, tmp_path: Path) -> None:
     assert out.stat().st_size == os.stat(shm_path).st_size
 
 
+def test_force_never_replaces_special_files(shm_path: str, tmp_path: Path) -> None:
+    """--force replaces a regular file only: a FIFO or a symbolic link at -o (or at its
+    manifest's name) is refused in one line before any snapshot, and left as it was."""
+    make_workload(shm_path, 1, 16)
+    fifo = tmp_path / "fifo.img"
+    os.mkfifo(fifo)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    link = tmp_path / "link.img"
+    link.symlink_to(victim)
+    manifest_link = tmp_path / "m.img.json"
+    manifest_link.symlink_to(victim)
+    for out, needle in ((fifo, "not a regular file"), (link, "symbolic link"),
+                        (tmp_path / "m.img", "symbolic link")):
+        proc = uffdsnap("snapshot", "--shm", shm_path, "-o", str(out), "--force")
+        assert_one_line_error(proc, needle)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
+    assert manifest_link.is_symlink() and victim.read_bytes() == b"precious"
+    assert not (tmp_path / "m.img").exists()
+
+
 def test_json_failure_is_one_object(tmp_path: Path) -> None:
     proc = uffdsnap("snapshot", "--shm", "/dev/shm/does-not-exist-uffdsnap", "-o",
                     str(tmp_path / "x.img"), "--json")
@@ -85,3 +108,28 @@ def test_snapshots_need_no_compiler(shm_path: str, tmp_path: Path) -> None:
                                            "PATH": "/nonexistent"})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "x.img").is_file()
+
+
+def test_coordinator_replaces_a_dead_coordinators_socket(shm_path: str, tmp_path: Path) -> None:
+    """A socket left behind by a coordinator that died (nobody listens) does not block a
+    restart; a live coordinator's socket, or a file that is not a socket, is refused."""
+    make_workload(shm_path, 1, 16)
+    sock = tmp_path / "c.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(sock))  # bound, never listening, then gone: what a SIGKILL leaves
+    dead.close()
+    argv = [sys.executable, "-m", "uffdsnap", "coordinator", "--shm", shm_path, "--listen",
+            str(sock)]
+    coord = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert coord.stdout is not None
+        assert "listening" in coord.stdout.readline()
+        assert_one_line_error(uffdsnap(*argv[3:]), "another coordinator is listening")
+    finally:
+        coord.terminate()
+        assert coord.wait(timeout=20) == 0
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"mine")
+    assert_one_line_error(uffdsnap("coordinator", "--shm", shm_path, "--listen", str(plain)),
+                          "not a socket")
+    assert plain.read_bytes() == b"mine"

@@ -517,3 +517,28 @@ async def test_stopped_agent(shm_path: str, tmp_path: Path) -> None:
                 pass
         if ws:
             stop_writers(shm_path, ws)
+
+
+async def test_object_resized_during_the_snapshot_fails_it(shm_path: str,
+                                                          tmp_path: Path) -> None:
+    """Write-protect does not see ftruncate: an object that changes size during the copy has no
+    one state at T, so the snapshot fails naming it, nothing is published, writers resume."""
+    import trio
+
+    from conftest import running_coordinator
+
+    make_workload(shm_path, 2, data_pages=256)
+    ws = start_writers(shm_path, native=2)
+    size = os.stat(shm_path).st_size
+    async with running_coordinator(shm_path, tmp_path) as (coordinator, _sock):
+        async def during_copy() -> None:
+            os.truncate(shm_path, size + 64 * 4096)  # (growing it: the writers keep their pages)
+
+        coordinator.test_hooks["at_phase"] = {"copying": during_copy}
+        try:
+            why = await _snapshot_outcome(coordinator, str(tmp_path / "x.img"))
+            assert "changed size during the snapshot" in why, why
+            assert_nothing_published(str(tmp_path / "x.img"))
+            assert_writers_resume(shm_path, ws)
+        finally:
+            await trio.to_thread.run_sync(stop_writers, shm_path, ws)

@@ -738,3 +738,37 @@ def test_stale_manifest_blocks_a_new_image(tmp_path: Path) -> None:
     Path(manifest_path(str(tmp_path / "s.img"))).write_text("{}")
     with pytest.raises(UserError, match="already exists"):
         ImageWriter(str(tmp_path / "s.img"), P, P)
+
+
+def test_force_replaces_only_regular_files(tmp_path: Path) -> None:
+    """--force never replaces a FIFO, a directory or a symbolic link (nor writes through one):
+    the publish fails in one line and leaves each of them, and the link's target, as it was."""
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"not yours")
+    specials = {"fifo.img": os.mkfifo, "dir.img": os.mkdir,
+                "link.img": lambda p: os.symlink(target, p)}
+    for name, make in specials.items():
+        path = tmp_path / name
+        make(path)
+        kind = os.lstat(path).st_mode
+        with pytest.raises(UserError, match="symbolic link|not a regular file|a directory"), \
+                ImageWriter(str(path), 4 * P, P, overwrite=True) as w:
+            w.publish(FIELDS)
+        assert os.lstat(path).st_mode == kind
+    assert target.read_bytes() == b"not yours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*specials, "elsewhere"])
+
+
+def test_restore_force_never_writes_through_a_symlink(tmp_path: Path, shm: Path) -> None:
+    path, _data, _ = simple_image(tmp_path)
+    victim = shm / "victim"
+    victim.write_bytes(b"\xee" * 10)
+    link = shm / "link"
+    link.symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        restore(str(path), str(link), force=True)
+    assert victim.read_bytes() == b"\xee" * 10 and link.is_symlink()
+    fifo = shm / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        restore(str(path), str(fifo), force=True)

@@ -147,6 +147,7 @@ class Run:
     async def take(self) -> dict[str, Any]:
         coord, t = self.coord, self.timeline
         t.start = monotonic_ns()
+        self._check_size("since the coordinator opened it")
         try:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
@@ -162,6 +163,7 @@ class Run:
                     self._declare_t()
                     await test_pause(self, "copying")
                     await self._copy()
+                    self._check_size("during the snapshot")
                     await test_pause(self, "finishing")
                     # who could have written during the snapshot: processes born after this
                     # (a fork chain's next one, once we released) could not
@@ -176,6 +178,16 @@ class Run:
                 facts = self._final_facts()
         self._verdict(*facts)
         return _summary(self)
+
+    def _check_size(self, when: str) -> None:
+        """Write-protect does not see a truncation (like a hole punch): an object whose size
+        changed has no one state at T to save, so the snapshot fails rather than save zeros."""
+        obj = self.coord.obj
+        size = os.fstat(obj.fd).st_size
+        if size != obj.size:
+            self.fail(f"the object changed size {when} ({obj.size} -> {size} bytes): it has no "
+                      "one state to save; snapshot it again (a long-running coordinator: "
+                      "restart it)")
 
     def _peer_pids(self) -> set[int]:
         return {pid for p in self.coord.peers for pid in p.pids}

@@ -13,7 +13,7 @@ The public API is re-exported here flat; the implementation is private:
   _reader  verify, restore, info
 """
 
-from uffdsnap.image._files import IO_PIECE, ZERO_BLOCK
+from uffdsnap.image._files import IO_PIECE, ZERO_BLOCK, check_replaceable
 from uffdsnap.image._format import (
     CHECKSUM_ALGO,
     FORMAT,
@@ -52,6 +52,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "IO_PIECE",
+    "check_replaceable",
     "MANIFEST_SUFFIX",
     "MAX_BAD_LISTED",
     "MAX_MANIFEST_BYTES",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 
 from uffdsnap.errors import UserError
@@ -162,9 +163,24 @@ def create_temp(final: str, mode: int = 0o600) -> tuple[str, int]:
     raise UserError(f"{final}: could not find a free temporary name in {directory}")
 
 
+def check_replaceable(path: str) -> None:
+    """`path` may be replaced by --force: absent, or a regular file. A FIFO, a device node, a
+    directory or a symbolic link is never replaced (the link's target never written through)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{path} is a symbolic link; refusing to replace it or write through it")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path} exists and is not a regular file; refusing to replace it")
+
+
 def place(tmp: str, final: str, overwrite: bool) -> None:
-    """Give `tmp` its final name; without `overwrite`, never replace a file that exists."""
+    """Give `tmp` its final name; without `overwrite`, never replace a file that exists, and
+    with it, only a regular file (check_replaceable)."""
     if overwrite:
+        check_replaceable(final)
         os.replace(tmp, final)
         return
     try:

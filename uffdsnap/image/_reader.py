@@ -14,6 +14,7 @@ from typing import Any
 from uffdsnap.errors import UserError
 from uffdsnap.image._files import (
     IO_PIECE,
+    check_replaceable,
     create_temp,
     data_regions,
     fsync_dir,
@@ -164,11 +165,13 @@ def restore(image_path: str, to: str, *, force: bool = False) -> RestoreReport:
     try:
         if dst_st is not None:
             try:
-                dst = os.open(to, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                dst = os.open(to, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError as e:
                 raise UserError(f"{to}: cannot open for writing: {e.strerror or e}") from None
-            if not stat.S_ISREG(os.fstat(dst).st_mode):
-                raise UserError(f"{to}: not a regular file")
+            now = os.fstat(dst)
+            if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (dst_st.st_dev,
+                                                                             dst_st.st_ino):
+                raise UserError(f"{to}: replaced by something else meanwhile; refusing")
             os.ftruncate(dst, 0)  # drop old contents: what is not written below reads as zero
         else:
             tmp, dst = create_temp(to)
@@ -197,15 +200,14 @@ def restore(image_path: str, to: str, *, force: bool = False) -> RestoreReport:
 def _restore_target(image_path: str, to: str, force: bool) -> os.stat_result | None:
     """stat of an existing `to` that may be overwritten, None if it does not exist; else refuse."""
     try:
-        st = os.stat(to)
+        st = os.lstat(to)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise UserError(f"{to}: {e.strerror or e}") from None
     if not force:
         raise UserError(f"{to} already exists (use --force to overwrite it)")
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{to}: not a regular file")
+    check_replaceable(to)  # a regular file, not a link to one
     for own, what in ((image_path, "image"), (manifest_path(image_path), "manifest")):
         try:
             same = os.path.samefile(to, own)

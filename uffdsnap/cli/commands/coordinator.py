@@ -4,8 +4,11 @@ and `uffdsnap snapshot --coordinator SOCK` asks it for snapshots, as many as wan
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
+import socket
+import stat
 
 import trio
 
@@ -20,6 +23,8 @@ from uffdsnap.cli.output import say
 from uffdsnap.errors import UserError
 from uffdsnap.hosted import ForkedHostFds, fork_agent_host, hosted
 from uffdsnap.procfs import ObjectError, SharedObject, open_object
+
+log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     except ObjectError as e:
         raise UserError(str(e)) from None
     path = os.path.abspath(args.listen)
-    if os.path.exists(path):
-        raise UserError(f"{args.listen} exists (another coordinator, or a stale socket?)")
+    _clear_stale_socket(path, args.listen)
     hooks = testhooks.parse(args.test_hooks)
     try:
         # attaching: the agent host is forked now, so the first request does not wait for an
@@ -57,6 +61,29 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(path):
             os.unlink(path)
     return 0
+
+
+def _clear_stale_socket(path: str, name: str) -> None:
+    """A socket left by a coordinator that died (nobody accepts on it) is removed; a live one,
+    or anything that is not a socket, is refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UserError(f"{name} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # nobody listens: a dead coordinator's
+        os.unlink(path)
+        log.warning("removed the stale socket %s (its coordinator is gone)", name)
+        return
+    except OSError as e:
+        raise UserError(f"{name}: {e.strerror or e}") from None
+    finally:
+        probe.close()
+    raise UserError(f"{name}: another coordinator is listening there")
 
 
 async def _serve(obj: SharedObject, path: str, args: argparse.Namespace,

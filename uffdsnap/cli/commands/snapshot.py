@@ -20,6 +20,7 @@ from uffdsnap.cli import DEFAULT_NICE
 from uffdsnap.cli.output import emit
 from uffdsnap.cli.summary import human_summary
 from uffdsnap.errors import SnapshotFailed, UserError
+from uffdsnap.image import check_replaceable, manifest_path
 from uffdsnap.procfs import ObjectError, open_object
 from uffdsnap.protocol import PROTOCOL_VERSION, Hello, ProtocolError, Result, Role, Snap, Welcome
 from uffdsnap.stats import size_text
@@ -69,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     output = ""
     if stream is None:
         output = os.path.abspath(args.output)
-        if os.path.exists(output) and not args.force:
+        if os.path.lexists(output) and not args.force:
             raise UserError(f"{args.output} exists (use --force to replace it)")
+        for path in (output, manifest_path(output)):  # (before a snapshot, not after it)
+            check_replaceable(path)
         if not os.path.isdir(os.path.dirname(output)):
             raise UserError(f"{os.path.dirname(output)}: no such directory")
     progress = _Progress() if sys.stderr.isatty() and not args.json and not args.no_progress \
