@@ -119,8 +119,13 @@ def paused_snapshot(shm_path: str, out: str, phase: str, mode: str = "agents",
 
 
 def assert_nothing_published(out: str) -> None:
+    """No image, no manifest, and no temporary of either left beside them (even after a
+    SIGKILL: the image has no name until publish)."""
     assert not os.path.exists(out)
     assert not os.path.exists(manifest_path(out))
+    directory, name = os.path.split(os.path.abspath(out))
+    left = [f for f in os.listdir(directory) if f.startswith(f".{name}.")]
+    assert not left, f"temporaries left behind: {left}"
 
 
 

@@ -22,7 +22,7 @@ from uffdsnap.coordinator._run import Run
 from uffdsnap.coordinator._streamed import snapshot_streamed
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.groups import unwrap_group
-from uffdsnap.image import ImageWriter
+from uffdsnap.image import ImageWriter, UnnamedImageWriter
 from uffdsnap.native import core as native_core
 from uffdsnap.native.core import SnapCore
 from uffdsnap.native.pidfd import pidfd_open
@@ -295,7 +295,9 @@ class Coordinator:
         async with self._snapshot_lock:
             if stream is not None:
                 return await snapshot_streamed(self, stream)
-            writer = ImageWriter(output, self.obj.size, self.page_size, overwrite=overwrite)
+            # unnamed until published: a coordinator killed mid-copy leaves no temporary behind
+            writer = UnnamedImageWriter(output, self.obj.size, self.page_size,
+                                        overwrite=overwrite)
             try:
                 core = SnapCore(self.obj.fd, writer.fd, self.obj.size, self.page_size)
             except BaseException:

@@ -44,6 +44,7 @@ from uffdsnap.image._reader import (
     restore,
     verify,
 )
+from uffdsnap.image._unnamed import UnnamedImageWriter
 from uffdsnap.image._writer import COALESCE_LIMIT, ImageWriter
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "IO_PIECE",
+    "UnnamedImageWriter",
     "check_replaceable",
     "MANIFEST_SUFFIX",
     "MAX_BAD_LISTED",

@@ -12,11 +12,11 @@ The public API is re-exported here flat; the implementation is private:
   _encoder    Encoder (what a sender calls), encode_image (the stream of an image on disk)
   _address    tcp://HOST:PORT, HOST:PORT, unix:PATH, - (pure)
   _transport  listening, connecting, standard I/O, the reply line (trio)
-  _sink       the receiver's ImageWriter: the image has no name until publish
   _receiver   receive_stream, serve (trio)
   _sender     StreamOptions, the staging file, TokenBucket, StreamSender (trio)
 """
 
+from uffdsnap.image import UnnamedImageWriter
 from uffdsnap.stream._address import Address, parse_address
 from uffdsnap.stream._coverage import Coverage
 from uffdsnap.stream._decoder import Phase, StreamDecoder
@@ -57,7 +57,6 @@ from uffdsnap.stream._sender import (
     open_staging,
     take_stdout,
 )
-from uffdsnap.stream._sink import UnnamedImageWriter
 from uffdsnap.stream._transport import connect, open_input, open_listener, read_reply
 
 __all__ = [

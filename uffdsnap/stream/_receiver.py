@@ -2,9 +2,9 @@
 image through uffdsnap.image, publish only what ended complete and verified, then answer.
 
 Whatever goes wrong (a hostile or broken stream, a sender that dies, a reset, a stall, a full
-disk) ends the same way: the image is discarded (it never had a name, see _sink), the sender is
-told why if it can hear it, and the result says so in one line. Serving several streams, one
-failure never stops the next.
+disk) ends the same way: the image is discarded (it never had a name, see image._unnamed), the
+sender is told why if it can hear it, and the result says so in one line. Serving several
+streams, one failure never stops the next.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from typing import Any
 import trio
 
 from uffdsnap.errors import SnapshotFailed, UserError
-from uffdsnap.image import ImageWriter, extent_checksum, iso8601_utc, manifest_path
+from uffdsnap.image import (
+    ImageWriter,
+    UnnamedImageWriter,
+    extent_checksum,
+    iso8601_utc,
+    manifest_path,
+)
 from uffdsnap.stream._address import Address
 from uffdsnap.stream._decoder import StreamDecoder
 from uffdsnap.stream._records import (
@@ -33,7 +39,6 @@ from uffdsnap.stream._records import (
     StreamHeader,
     encode_reply,
 )
-from uffdsnap.stream._sink import UnnamedImageWriter
 from uffdsnap.stream._transport import (
     close_listener,
     describe,

@@ -1,15 +1,11 @@
-"""Where a received stream is written: an ImageWriter whose image has no name until publish.
+"""An ImageWriter whose image has no name until publish.
 
-A receiver may be killed at any moment of a long transfer, SIGKILL included. ImageWriter keeps
-its image under a temporary name from the start, which such a death leaves behind. Here the
-image lives in an unnamed file (O_TMPFILE) that the kernel frees with the process, and gets its
-temporary name only when END has been checked and publish begins (the manifest's temporary is
-named for that same short moment). Everything else (writes, extents, checksums, the manifest,
-the atomic no-clobber publish) is ImageWriter's, so the result is what a local snapshot
-publishes.
-
-This reaches into two attributes of ImageWriter (`fd`, `_tmp`): the proper home of this is an
-`unnamed=True` option of ImageWriter itself (proposed in the report of issue 12).
+A coordinator or a receiver may be killed at any moment of a long copy, SIGKILL included.
+ImageWriter keeps its image under a temporary name from the start, which such a death leaves
+behind (as large as the object). Here the image lives in an unnamed file (O_TMPFILE) that the
+kernel frees with the process, and gets its temporary name only when publish begins (the
+manifest's temporary is named for that same short moment). Everything else (writes, extents,
+checksums, the manifest, the atomic no-clobber publish) is ImageWriter's.
 """
 
 from __future__ import annotations
@@ -18,7 +14,8 @@ import os
 import secrets
 from typing import Any
 
-from uffdsnap.image import ImageWriter, Manifest
+from uffdsnap.image._format import Manifest
+from uffdsnap.image._writer import ImageWriter
 
 _PROC_FD = "/proc/self/fd"
 
