@@ -55,11 +55,14 @@ class Host:
     socket_path: str  # where agents and clients reach it
 
 
-async def listen(path: str) -> trio.socket.SocketType:
-    """A listening Unix socket at `path`, private to this user."""
+async def listen(path: str, group: int | None = None) -> trio.socket.SocketType:
+    """A listening Unix socket at `path`, private to this user, or (`group`) open to that group
+    too (mode 0660): who may do what once connected is then _trust's to decide."""
     sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM | stdsocket.SOCK_CLOEXEC)
     await sock.bind(path)
-    os.chmod(path, 0o600)
+    if group is not None:
+        os.chown(path, -1, group)
+    os.chmod(path, 0o600 if group is None else 0o660)
     sock.listen(128)
     return sock
 
@@ -70,7 +73,8 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
                  delegate: bool = False,
                  on_progress: Callable[[int, int], None] | None = None,
                  test_hooks: testhooks.Hooks | None = None,
-                 agent_host: ForkedHostFds | None = None) -> AsyncIterator[Host]:
+                 agent_host: ForkedHostFds | None = None, socket_group: int | None = None,
+                 clients_gid: int | None = None) -> AsyncIterator[Host]:
     """A coordinator for `obj`, serving on `socket_path` (a fresh private one if None) for the
     duration of the block; with `attach`, it attaches an agent to every writable mapper without
     one at each snapshot (through `agent_host` if given: see forked_agent_host). Exceptions
@@ -79,14 +83,15 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
         if socket_path is None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="uffdsnap-"))
             socket_path = os.path.join(tmp, "coordinator.sock")
-        listener = await listen(socket_path)
+        listener = await listen(socket_path, socket_group)
         stack.callback(listener.close)
         coordinator = Coordinator(obj, protect_timeout=protect_timeout,
                                   join_timeout=join_timeout,
                                   attach_path=socket_path if attach else None,
                                   delegate=delegate, on_progress=on_progress,
                                   test_hooks=test_hooks,
-                                  agent_host=ForkedHost(*agent_host) if agent_host else None)
+                                  agent_host=ForkedHost(*agent_host) if agent_host else None,
+                                  clients_gid=clients_gid)
         with unwrap_group():
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.serve, listener)

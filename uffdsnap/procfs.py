@@ -184,6 +184,21 @@ def process_comm(pid: int) -> str:
         return "?"
 
 
+def process_ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(uids, gids, supplementary groups) of a process from /proc/PID/status: uids and gids
+    are (real, effective, saved, filesystem). ProcessLookupError if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+
+    def ints(key: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in fields.get(key, "").split())
+
+    return ints("Uid"), ints("Gid"), ints("Groups")
+
+
 def process_running(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:

@@ -19,13 +19,14 @@ import trio
 from uffdsnap import testhooks
 from uffdsnap.agent._agent import Agent, report
 from uffdsnap.channel import Channel, connect
+from uffdsnap.errors import UserError
 from uffdsnap.groups import unwrap_group
 from uffdsnap.native import core as snapcore
 from uffdsnap.native import uffd as K
 from uffdsnap.native.libc import KernelError
 from uffdsnap.native.pidfd import pidfd_open
 from uffdsnap.procfs import ObjectId, process_comm
-from uffdsnap.protocol import PROTOCOL_VERSION, Hello, ProtocolError, Role, Welcome
+from uffdsnap.protocol import PROTOCOL_VERSION, Abort, Hello, ProtocolError, Role, Welcome
 from uffdsnap.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ async def _join(chan: Channel, pid: int, mode: str) -> Welcome:
     await chan.send(Hello(PROTOCOL_VERSION, Role.AGENT.value, pid, mode, process_comm(pid)))
     with trio.fail_after(JOIN_TIMEOUT_S):
         msg, _fds = await chan.receive()
+    if isinstance(msg, Abort):
+        raise UserError(f"coordinator: {msg.reason}")
     if not isinstance(msg, Welcome):
         raise ProtocolError(f"coordinator answered {msg.TYPE} instead of welcome")
     return msg

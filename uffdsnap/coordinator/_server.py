@@ -20,12 +20,14 @@ from uffdsnap.coordinator._peers import OUTBOX_DEPTH, Peer, send_loop
 from uffdsnap.coordinator._report import flat, manifest_fields
 from uffdsnap.coordinator._run import Run
 from uffdsnap.coordinator._streamed import snapshot_streamed
+from uffdsnap.coordinator._trust import Credentials, agent_refusal, client_refusal
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.groups import unwrap_group
 from uffdsnap.image import ImageWriter, UnnamedImageWriter
 from uffdsnap.native import core as native_core
 from uffdsnap.native.core import SnapCore
 from uffdsnap.native.pidfd import pidfd_open
+from uffdsnap.native.scm import peer_credentials
 from uffdsnap.procfs import SharedObject, find_mappers, mappings_of, registered_mapper
 from uffdsnap.protocol import (
     PROTOCOL_VERSION,
@@ -62,7 +64,7 @@ class Coordinator:
                  chunk_bytes: int = CHUNK_BYTES,
                  on_progress: Callable[[int, int], None] | None = None,
                  test_hooks: testhooks.Hooks | None = None,
-                 agent_host: ForkedHost | None = None):
+                 agent_host: ForkedHost | None = None, clients_gid: int | None = None):
         native_core.load()  # the native data path, or fail now (one line)
         self.obj = obj
         self.page_size = obj.page_size
@@ -71,6 +73,7 @@ class Coordinator:
         self.join_timeout = protect_timeout if join_timeout is None else join_timeout
         self.chunk_bytes = max(chunk_bytes - chunk_bytes % obj.page_size, obj.page_size)
         self.on_progress = on_progress
+        self.clients_gid = clients_gid  # besides our own user and root, who may be a client
         # Test hooks (uffdsnap/testhooks.py): never set in normal use.
         self.test_hooks: testhooks.Hooks = test_hooks or {}
         # With attach_path (this coordinator's own socket), every writable mapper without an
@@ -107,6 +110,12 @@ class Coordinator:
                 with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                     hello, _fds = await chan.receive()
                 assert isinstance(hello, Hello)  # the state machine admits nothing else first
+                refusal = self._refusal(chan, hello)
+                if refusal is not None:
+                    log.warning("refused a connection: %s", refusal)
+                    with trio.move_on_after(1):
+                        await chan.send(Abort(f"refused: {refusal}"))
+                    return
                 if hello.role == Role.CLIENT.value:
                     await chan.send(self._welcome())
                     await self._serve_client(chan)
@@ -125,6 +134,14 @@ class Coordinator:
                       type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             chan.close()
+
+    def _refusal(self, chan: Channel, hello: Hello) -> str | None:
+        """Why this peer may not have the role it asks for (None: it may); see _trust."""
+        pid, uid, gid = peer_credentials(chan.sock)
+        peer = Credentials(pid, uid, gid)
+        if hello.role == Role.CLIENT.value:
+            return client_refusal(peer, os.geteuid(), self.clients_gid)
+        return agent_refusal(peer, os.geteuid(), hello.pid)
 
     def _welcome(self) -> Welcome:
         oid = self.obj.object_id

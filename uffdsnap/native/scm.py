@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+from typing import Any
 
 MAX_FDS_PER_MESSAGE = 16
 
@@ -66,6 +67,14 @@ def peer_pid(sock: socket.socket) -> int:
     """The pid of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
     return int.from_bytes(creds[:4], "little")
+
+
+def peer_credentials(sock: socket.socket | Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket, as the kernel
+    recorded them at connect() (SO_PEERCRED): nothing the peer says can change them."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    pid, uid, gid = (int.from_bytes(creds[i:i + 4], "little") for i in (0, 4, 8))
+    return pid, uid, gid
 
 
 def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:

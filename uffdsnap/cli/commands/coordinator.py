@@ -4,6 +4,7 @@ and `uffdsnap snapshot --coordinator SOCK` asks it for snapshots, as many as wan
 from __future__ import annotations
 
 import argparse
+import grp
 import logging
 import os
 import signal
@@ -34,6 +35,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Unix socket path for agents and clients")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="limit for the protect phase of each snapshot (default 30)")
+    parser.add_argument("--socket-group", metavar="GROUP",
+                        help="open the socket to GROUP too (mode 0660), so that its workloads "
+                             "can enlist; each agent may speak only for processes of its own "
+                             "user (docs/enlisting.md)")
+    parser.add_argument("--clients-group", metavar="GROUP",
+                        help="besides this user and root, members of GROUP may ask for "
+                             "snapshots")
     add_mode_argument(parser)
     add_nice_argument(parser)
     parser.add_argument("--attach", action="store_true",
@@ -51,16 +59,29 @@ def run(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.listen)
     _clear_stale_socket(path, args.listen)
     hooks = testhooks.parse(args.test_hooks)
+    socket_group, clients_gid = _group(args.socket_group), _group(args.clients_group)
     try:
         # attaching: the agent host is forked now, so the first request does not wait for an
         # interpreter to start
         host = fork_agent_host(path, hooks) if args.attach else None
-        trio.run(lambda: _serve(obj, path, args, hooks, host))
+        trio.run(lambda: _serve(obj, path, args, hooks, host, socket_group, clients_gid))
     finally:
         obj.close()
         if os.path.exists(path):
             os.unlink(path)
     return 0
+
+
+def _group(name: str | None) -> int | None:
+    """A group name or number, as a gid (one line if there is no such group)."""
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise UserError(f"no such group: {name}") from None
 
 
 def _clear_stale_socket(path: str, name: str) -> None:
@@ -87,13 +108,15 @@ def _clear_stale_socket(path: str, name: str) -> None:
 
 
 async def _serve(obj: SharedObject, path: str, args: argparse.Namespace,
-                 hooks: testhooks.Hooks, host: ForkedHostFds | None) -> None:
+                 hooks: testhooks.Hooks, host: ForkedHostFds | None, socket_group: int | None,
+                 clients_gid: int | None) -> None:
     """Serve until SIGTERM or SIGINT; leaving closes every connection, which releases every
     agent."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with hosted(obj, socket_path=path, attach=args.attach,
                           protect_timeout=args.timeout, delegate=args.mode == "delegated",
-                          test_hooks=hooks, agent_host=host):
+                          test_hooks=hooks, agent_host=host, socket_group=socket_group,
+                          clients_gid=clients_gid):
             say(f"coordinator listening on {path}")
             async for _ in signals:
                 break

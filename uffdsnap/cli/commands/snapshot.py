@@ -22,7 +22,16 @@ from uffdsnap.cli.summary import human_summary
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.image import check_replaceable, manifest_path
 from uffdsnap.procfs import ObjectError, open_object
-from uffdsnap.protocol import PROTOCOL_VERSION, Hello, ProtocolError, Result, Role, Snap, Welcome
+from uffdsnap.protocol import (
+    PROTOCOL_VERSION,
+    Abort,
+    Hello,
+    ProtocolError,
+    Result,
+    Role,
+    Snap,
+    Welcome,
+)
 from uffdsnap.stats import size_text
 from uffdsnap.stream import STREAM_TIMEOUT_S, StreamOptions, take_stdout
 
@@ -178,7 +187,10 @@ async def _remote(path: str, output: str, overwrite: bool,
     try:
         await chan.send(Hello(PROTOCOL_VERSION, Role.CLIENT.value, os.getpid()))
         welcome, _ = await chan.receive()
-        assert isinstance(welcome, Welcome)
+        if isinstance(welcome, Abort):
+            raise SnapshotFailed(f"coordinator at {path}: {welcome.reason}")
+        if not isinstance(welcome, Welcome):
+            raise SnapshotFailed(f"coordinator at {path} answered {welcome.TYPE}")
         if stream is None:
             await chan.send(Snap(output, overwrite))
         else:  # the coordinator streams; the destination travels like -o does
