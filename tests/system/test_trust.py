@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -74,14 +76,15 @@ def _hello(sock_path: str, role: Role, pid: int) -> str:
     return "welcome" if isinstance(msg, Welcome) else f"other {msg.TYPE}"
 
 
-@pytest.fixture
-def coordinator(shm_path: str):  # type: ignore[no-untyped-def]
+@contextmanager
+def _coordinator(shm_path: str, *options: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A root coordinator whose socket is open to group 65534, with `options`."""
     make_workload(shm_path, 1, 16)
     where = tempfile.mkdtemp(prefix="uffdsnap-trust-")  # (pytest's tmp_path is root's alone)
     os.chmod(where, 0o711)
     sock = os.path.join(where, "c.sock")
     proc = subprocess.Popen([sys.executable, "-m", "uffdsnap", "coordinator", "--shm", shm_path,
-                             "--listen", sock, "--socket-group", str(NOBODY)],
+                             "--listen", sock, "--socket-group", str(NOBODY), *options],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -93,7 +96,20 @@ def coordinator(shm_path: str):  # type: ignore[no-untyped-def]
         shutil.rmtree(where, ignore_errors=True)
 
 
-def test_another_users_client_is_refused(coordinator) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def coordinator(shm_path: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    with _coordinator(shm_path) as running:
+        yield running
+
+
+def test_a_clients_group_member_may_ask(shm_path: str) -> None:
+    """With --clients-group, that group's members are clients too (the refusal's control)."""
+    with _coordinator(shm_path, "--clients-group", str(NOBODY)) as (sock, _proc):
+        assert _as_nobody(sock, Role.CLIENT, None) == "welcome"
+
+
+def test_another_users_client_is_refused(coordinator: tuple[str, subprocess.Popen[str]]
+                                         ) -> None:
     """uid 65534 may enlist through the group-open socket, but may not ask for snapshots (a
     root coordinator would create the image wherever it was told)."""
     sock, _proc = coordinator
@@ -102,7 +118,7 @@ def test_another_users_client_is_refused(coordinator) -> None:  # type: ignore[n
 
 
 def test_an_agent_may_not_speak_for_another_users_process(
-        coordinator) -> None:  # type: ignore[no-untyped-def]
+        coordinator: tuple[str, subprocess.Popen[str]]) -> None:
     """An agent of uid 65534 claiming a root process (here the coordinator itself) is refused;
     claiming its own process it is welcome (the negative control of the refusal)."""
     sock, proc = coordinator
@@ -113,7 +129,7 @@ def test_an_agent_may_not_speak_for_another_users_process(
 
 
 def test_the_socket_is_open_to_the_named_group_only(
-        coordinator) -> None:  # type: ignore[no-untyped-def]
+        coordinator: tuple[str, subprocess.Popen[str]]) -> None:
     sock, _proc = coordinator
     st = os.stat(sock)
     assert st.st_mode & 0o777 == 0o660 and st.st_gid == NOBODY and st.st_uid == 0
