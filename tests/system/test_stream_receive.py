@@ -1,7 +1,8 @@
 """The migration stream's receiver, for real: over a rate-limited veth link between network
-namespaces (tests/netns.py), TCP and Unix sockets on this host, pipes and files; fed streams our
-encoder made from real images (a live snapshot of running writers, and images built the way the
-coordinator builds them). Every way a stream can go wrong publishes nothing and leaves no file.
+namespaces (uffdsnap/testing/netns.py), TCP and Unix sockets on this host, pipes and files; fed
+streams our encoder made from real images (a live snapshot of running writers, and images built
+the way the coordinator builds them). Every way a stream can go wrong publishes nothing and
+leaves no file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 
 import pytest
 import trio
-from netns import NetLink, netns_link
 
 from conftest import make_workload, needs_root, start_writers, stop_writers
 from procutil import finish, wait_line
@@ -38,6 +38,7 @@ from uffdsnap.stream import (
     read_reply,
     receive_stream,
 )
+from uffdsnap.testing.netns import NetLink, netns_link
 
 P = 4096
 MIB = 1 << 20

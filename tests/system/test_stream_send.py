@@ -1,5 +1,5 @@
-"""The migration stream's sender, for real: `uffdsnap snapshot --to` of live writers to a
-`uffdsnap receive` in another network namespace over a veth link (tests/netns.py, optionally
+"""The migration stream's sender, for real: `uffdsnap snapshot --to` of live writers to a `uffdsnap
+receive` in another network namespace over a veth link (uffdsnap/testing/netns.py, optionally
 rate-limited with tbf), over Unix sockets and a pipe, from `snapshot --shm` and from a
 long-running coordinator. The consistency checker proves every received image is one instant;
 every way the stream can fail (receiver killed, link stalled, receiver's disk full, staging
@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 import trio
-from netns import NetLink, netns_link
 
 from conftest import make_workload, needs_root, running_coordinator, start_writers, stop_writers
 from procutil import assert_writers_resume, finish, wait_line
 from uffdsnap import workload as wl
 from uffdsnap.image import load_manifest, manifest_path, verify
 from uffdsnap.stream import StreamOptions
+from uffdsnap.testing.netns import NetLink, netns_link
 
 pytestmark = needs_root
 

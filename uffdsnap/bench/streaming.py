@@ -18,31 +18,21 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from uffdsnap.bench import procs as P
 from uffdsnap.bench.config import BenchConfig, MiB, size_label
 
+if TYPE_CHECKING:
+    from uffdsnap.testing.netns import NetLink
+
 LINK_BITS = 100_000_000
-SENDER_ADDR, RECEIVER_ADDR, PREFIX_LEN = "198.18.0.1", "198.18.0.2", 30
 PORT = 7000
 READY_TIMEOUT_S = 60.0
 FAULT_P50_TARGET, THROUGHPUT_TARGET, COMPRESS_TARGET = 1.5, 0.9, 2.0
-
-# Run argv inside a network namespace: setns() the process, then exec.
-_ENTER = """\
-import ctypes, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
-if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
-    sys.exit("setns %s: %s" % (sys.argv[1], os.strerror(ctypes.get_errno())))
-os.close(fd)
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
 
 # The plain copy's two ends: the object's bytes through one TCP connection into a file.
 _SINK = """\
@@ -71,39 +61,6 @@ print(size, time.monotonic() - t, flush=True)
 """
 
 
-@contextmanager
-def _link(rate_bits: int) -> Iterator[dict[str, str]]:
-    """The two namespaces and the shaped veth pair between them; removed on the way out."""
-    from pyroute2 import IPRoute, NetNS, netns  # a test dependency: imported when used
-
-    tag = secrets.token_hex(3)
-    names = {"receiver": f"uffdsnap-bench-rcv-{tag}", "sender": f"uffdsnap-bench-snd-{tag}"}
-    ifnames = {"receiver": f"ubs{tag}r", "sender": f"ubs{tag}s"}
-    run_dir = getattr(netns, "NETNS_RUN_DIR", "/var/run/netns")
-    made: list[str] = []
-    try:
-        for name in names.values():
-            netns.create(name)
-            made.append(name)
-        with IPRoute() as ip:
-            ip.link("add", ifname=ifnames["sender"], kind="veth", peer=ifnames["receiver"])
-            for side in ("sender", "receiver"):
-                ip.link("set", index=ip.link_lookup(ifname=ifnames[side])[0],
-                        net_ns_fd=names[side])
-        for side, addr in (("sender", SENDER_ADDR), ("receiver", RECEIVER_ADDR)):
-            with NetNS(names[side]) as ns:
-                index = ns.link_lookup(ifname=ifnames[side])[0]
-                ns.addr("add", index=index, address=addr, prefixlen=PREFIX_LEN)
-                ns.link("set", index=index, state="up")
-                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-                ns.tc("add", "tbf", index, 0x10000, rate=f"{rate_bits}bit",
-                      burst=max(rate_bits // 8 // 250, 16 << 10), latency="100ms")
-        yield {side: f"{run_dir}/{name}" for side, name in names.items()}
-    finally:
-        for name in made:
-            netns.remove(name)
-
-
 def run_streaming(cfg: BenchConfig, dest_dir: str,
                   say: Callable[[str], None]) -> dict[str, Any]:
     """The streaming scenarios' numbers (or why they could not be measured)."""
@@ -117,7 +74,9 @@ def run_streaming(cfg: BenchConfig, dest_dir: str,
     ws = P.Workspace(dest_dir)
     out: dict[str, Any] = {"size": size, "link_bits_per_s": LINK_BITS}
     try:
-        with _link(LINK_BITS) as ns:
+        from uffdsnap.testing.netns import netns_link  # (pyroute2: imported when used)
+
+        with netns_link(LINK_BITS) as ns:
             out["throughput"] = _throughput(ws, ns, size, dest_dir, say)
             out["fault_service"] = [_fault_service(ws, ns, size, mode, cfg, say)
                                     for mode in cfg.modes]
@@ -129,27 +88,23 @@ def run_streaming(cfg: BenchConfig, dest_dir: str,
     return out
 
 
-def _in(ns: dict[str, str], side: str, argv: list[str]) -> list[str]:
-    return [sys.executable, "-c", _ENTER, ns[side], *argv]
-
-
-def _receiver(ws: P.Workspace, ns: dict[str, str], image: str) -> Any:
-    proc = ws.start(_in(ns, "receiver", [sys.executable, "-m", "uffdsnap", "receive", "--listen",
-                                         f"{RECEIVER_ADDR}:{PORT}", "-o", image, "--force",
-                                         "--json"]))
+def _receiver(ws: P.Workspace, ns: NetLink, image: str) -> Any:
+    proc = ws.start(ns.command([sys.executable, "-m", "uffdsnap", "receive", "--listen",
+                                f"{ns.receiver_addr}:{PORT}", "-o", image, "--force", "--json"],
+                               side="receiver"))
     P.expect(proc, '{"listening"', "receiver", READY_TIMEOUT_S)
     return proc
 
 
-def _stream(ws: P.Workspace, ns: dict[str, str], obj_path: str, dest_dir: str,
+def _stream(ws: P.Workspace, ns: NetLink, obj_path: str, dest_dir: str,
             *args: str) -> dict[str, Any]:
     """One `snapshot --to` over the link into a receiver; its summary."""
     image = ws.temp_path("stream.img")
     recv = _receiver(ws, ns, image)
     try:
-        done = subprocess.run(_in(ns, "sender", [sys.executable, "-m", "uffdsnap", "snapshot",
-                                                 "--shm", obj_path, "--to",
-                                                 f"{RECEIVER_ADDR}:{PORT}", "--json", *args]),
+        done = subprocess.run(ns.command([sys.executable, "-m", "uffdsnap", "snapshot", "--shm",
+                                          obj_path, "--to", f"{ns.receiver_addr}:{PORT}", "--json",
+                                          *args], side="sender"),
                               capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise P.BenchError(f"snapshot --to: {done.stderr.strip()[-300:]}")
@@ -172,15 +127,15 @@ def _local(ws: P.Workspace, obj_path: str, *args: str) -> dict[str, Any]:
         ws.remove(image)
 
 
-def _plain_copy(ws: P.Workspace, ns: dict[str, str], obj_path: str) -> float:
+def _plain_copy(ws: P.Workspace, ns: NetLink, obj_path: str) -> float:
     """Seconds a plain TCP copy of the object takes over the link (into an fsynced file)."""
     target = ws.temp_path("plain.bin")
-    sink = ws.start(_in(ns, "receiver", [sys.executable, "-c", _SINK, RECEIVER_ADDR, str(PORT),
-                                         target]))
+    sink = ws.start(ns.command([sys.executable, "-c", _SINK, ns.receiver_addr, str(PORT), target],
+                               side="receiver"))
     try:
         P.expect(sink, "listening", "plain copy sink", READY_TIMEOUT_S)
-        done = subprocess.run(_in(ns, "sender", [sys.executable, "-c", _SOURCE, RECEIVER_ADDR,
-                                                 str(PORT), obj_path]),
+        done = subprocess.run(ns.command([sys.executable, "-c", _SOURCE, ns.receiver_addr,
+                                          str(PORT), obj_path], side="sender"),
                               capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise P.BenchError(f"plain copy: {done.stderr.strip()[-300:]}")
@@ -190,7 +145,7 @@ def _plain_copy(ws: P.Workspace, ns: dict[str, str], obj_path: str) -> float:
         ws.remove(target)
 
 
-def _throughput(ws: P.Workspace, ns: dict[str, str], size: int, dest_dir: str,
+def _throughput(ws: P.Workspace, ns: NetLink, size: int, dest_dir: str,
                 say: Callable[[str], None]) -> dict[str, Any]:
     say(f"streaming: throughput, {size_label(size)} over {LINK_BITS // 10**6} Mbit/s")
     obj = P.create_object(ws, "shmem", size)
@@ -207,7 +162,7 @@ def _throughput(ws: P.Workspace, ns: dict[str, str], size: int, dest_dir: str,
             "stream_bytes_per_s": size / st["seconds"], "wire_bytes": st["wire_bytes"]}
 
 
-def _fault_service(ws: P.Workspace, ns: dict[str, str], size: int, mode: str,
+def _fault_service(ws: P.Workspace, ns: NetLink, size: int, mode: str,
                    cfg: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
     say(f"streaming: fault service, paced writers, -o vs --to, {mode}")
     obj = P.create_object(ws, "shmem", size)
@@ -236,7 +191,7 @@ def _compressible(ws: P.Workspace, size: int) -> P.BenchObject:
     return P.BenchObject(fd, f"/proc/{os.getpid()}/fd/{fd}", size, "shmem")
 
 
-def _compressed(ws: P.Workspace, ns: dict[str, str], size: int,
+def _compressed(ws: P.Workspace, ns: NetLink, size: int,
                 say: Callable[[str], None]) -> dict[str, Any]:
     say("streaming: --compress on a compressible object")
     obj = _compressible(ws, size)

@@ -101,3 +101,17 @@ def set_process_name(name: str) -> None:
     """Name the calling thread (the process, from its main thread) as ps, top and
     /proc/PID/comm show it: at most 15 bytes. Best effort: a name is a courtesy."""
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def setns(path: str, nstype: int) -> None:
+    """Move the calling thread into the namespace at `path` (e.g. /var/run/netns/NAME) of type
+    `nstype` (CLONE_NEWNET, ...)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, nstype) != 0:
+            raise KernelError("setns", ctypes.get_errno(), path)
+    finally:
+        os.close(fd)

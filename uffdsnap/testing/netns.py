@@ -1,4 +1,5 @@
-"""A real network path for tests, built with pyroute2 and torn down afterwards.
+"""A real network path for tests and the bench, built with pyroute2 (a test dependency) and torn
+down afterwards.
 
     with netns_link(rate_bits=100_000_000) as link:
         receiver = link.popen([sys.executable, "-m", "uffdsnap", "receive", "--listen",
@@ -18,8 +19,6 @@ CAP_SYS_ADMIN for setns).
 
 from __future__ import annotations
 
-import ctypes
-import os
 import secrets
 import socket as _socket
 import subprocess
@@ -32,7 +31,8 @@ from typing import Any, Literal
 
 from pyroute2 import IPRoute, NetNS, netns
 
-CLONE_NEWNET = 0x40000000
+from uffdsnap.native.libc import CLONE_NEWNET, setns
+
 NETNS_DIR = getattr(netns, "NETNS_RUN_DIR", "/var/run/netns")
 SENDER_ADDR = "198.18.0.1"
 RECEIVER_ADDR = "198.18.0.2"
@@ -94,7 +94,7 @@ class NetLink:
 
         def make() -> None:
             try:
-                _setns(f"{NETNS_DIR}/{self.ns(side)}")
+                setns(f"{NETNS_DIR}/{self.ns(side)}", CLONE_NEWNET)
                 made.append(_socket.socket(family, kind))
             except BaseException as e:  # handed to the caller's thread
                 made.append(e)
@@ -170,12 +170,3 @@ def netns_link(rate_bits: int | None = None) -> Iterator[NetLink]:
                 for index in ip.link_lookup(ifname=ifname):
                     ip.link("del", index=index)
 
-
-def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
