@@ -62,18 +62,22 @@ class Enlistment:
 
 
 def enlist(coordinator: str, timeout: float = ENLIST_TIMEOUT_S,
-           test_hooks: testhooks.Hooks | None = None) -> Enlistment:
+           test_hooks: testhooks.Hooks | None = None,
+           coordinator_user: str | int | None = None) -> Enlistment:
     """Start an agent for this process that joins `coordinator` (its Unix socket path).
 
     Returns once the agent has joined, so every later snapshot covers this process. Raises
-    EnlistError (one line) if the uffd cannot be created or the agent cannot join.
+    EnlistError (one line) if the uffd cannot be created or the agent cannot join. The agent
+    joins only a coordinator that runs as root, as our user, or as `coordinator_user` (a name
+    or uid): whoever else listens at the path is refused before it is sent anything.
     """
+    trusted = [] if coordinator_user is None else ["--coordinator-user", str(coordinator_user)]
     uffd, _route = create_uffd()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         agent = subprocess.Popen(
             [sys.executable, "-P", "-m", "uffdsnap", "agent", "--coordinator", coordinator,
-             "--enlist-fd", str(theirs.fileno()), *testhooks.argv(test_hooks)],
+             *trusted, "--enlist-fd", str(theirs.fileno()), *testhooks.argv(test_hooks)],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
     except BaseException:
         os.close(uffd)

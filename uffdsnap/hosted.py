@@ -23,11 +23,14 @@ import trio
 from uffdsnap import testhooks
 from uffdsnap.agent._host import fork_host
 from uffdsnap.coordinator import Coordinator
+from uffdsnap.coordinator._accept import MAX_CONNECTIONS
 from uffdsnap.coordinator._attach import ForkedHost
 from uffdsnap.groups import unwrap_group
+from uffdsnap.native.core import FAULT_DEADLINE_MS
 from uffdsnap.procfs import SharedObject
 from uffdsnap.stream import StreamOptions
 
+FAULT_DEADLINE_S = FAULT_DEADLINE_MS / 1000  # the longest a writer may wait on us, by default
 ForkedHostFds = tuple[int, int, int, int]  # pid, and our ends of its stdin, stdout, stderr
 
 
@@ -74,7 +77,10 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
                  on_progress: Callable[[int, int], None] | None = None,
                  test_hooks: testhooks.Hooks | None = None,
                  agent_host: ForkedHostFds | None = None, socket_group: int | None = None,
-                 clients_gid: int | None = None) -> AsyncIterator[Host]:
+                 clients_gid: int | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 fault_deadline: float = FAULT_DEADLINE_S,
+                 strict: bool = False) -> AsyncIterator[Host]:
     """A coordinator for `obj`, serving on `socket_path` (a fresh private one if None) for the
     duration of the block; with `attach`, it attaches an agent to every writable mapper without
     one at each snapshot (through `agent_host` if given: see forked_agent_host). Exceptions
@@ -91,7 +97,8 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
                                   delegate=delegate, on_progress=on_progress,
                                   test_hooks=test_hooks,
                                   agent_host=ForkedHost(*agent_host) if agent_host else None,
-                                  clients_gid=clients_gid)
+                                  clients_gid=clients_gid, max_connections=max_connections,
+                                  fault_deadline=fault_deadline, strict=strict)
         with unwrap_group():
             async with trio.open_nursery() as nursery:
                 await nursery.start(coordinator.serve, listener)

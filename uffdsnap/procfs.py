@@ -199,6 +199,46 @@ def process_ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, 
     return ints("Uid"), ints("Gid"), ints("Groups")
 
 
+def ns_pids(pid: int) -> tuple[int, ...]:
+    """The process's pid in each PID namespace from ours (the /proc mount's) down to its own
+    (/proc/PID/status NSpid: [0] is `pid` itself, [-1] the pid it sees for itself).
+    ProcessLookupError if it is gone, or not in a namespace below ours."""
+    return parse_ns_pids(_status_field(pid, "NSpid"), pid)
+
+
+def parse_ns_pids(value: str | None, pid: int) -> tuple[int, ...]:
+    """NSpid's value as ints; ProcessLookupError for a missing or malformed field."""
+    try:
+        pids = tuple(int(x) for x in (value or "").split())
+    except ValueError:
+        pids = ()
+    if not pids or pids[0] != pid:
+        raise ProcessLookupError(pid)
+    return pids
+
+
+def pid_namespace(pid: int) -> tuple[int, int]:
+    """(device, inode) of the process's PID namespace, which names it uniquely.
+    ProcessLookupError if it is gone."""
+    try:
+        st = os.stat(f"/proc/{pid}/ns/pid")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(pid) from None
+    return st.st_dev, st.st_ino
+
+
+def _status_field(pid: int, key: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name == key:
+                    return value.strip()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(pid) from None
+    return None
+
+
 def process_running(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
@@ -343,3 +383,56 @@ def open_object(spec: str) -> SharedObject:
     except BaseException:
         os.close(fd)
         raise
+
+
+# ---- writers waiting on us --------------------------------------------------------------------
+
+# Where a thread sleeps in the kernel (/proc/PID/task/TID/wchan) while it waits for a userfaultfd
+# to answer: a write fault, or a fork/mremap/munmap event not read yet.
+UFFD_WAITS = frozenset({"handle_userfault", "userfaultfd_event_wait_completion"})
+
+
+def process_stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP, or a tracer's stop): it cannot answer anyone."""
+    try:
+        return _stat_fields(pid)[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _uffd_sleepers(pid: int) -> dict[int, int]:
+    """Threads of `pid` asleep on a userfaultfd now: {tid: voluntary context switches}."""
+    found: dict[int, int] = {}
+    for path in _task_files(pid, "wchan"):
+        tid = int(path.split("/")[4])
+        try:
+            with open(path) as f:
+                if f.read().strip() not in UFFD_WAITS:
+                    continue
+            found[tid] = int(_status_field(tid, "voluntary_ctxt_switches") or "-1")
+        except (OSError, ValueError):
+            continue  # gone meanwhile (ProcessLookupError is an OSError)
+    return found
+
+
+class FaultWaits:
+    """How long the threads of some processes have been waiting on a userfaultfd, read from
+    /proc with nobody's cooperation: whoever watches needs nothing from the stuck party. A
+    thread counts as waiting since the first look that found it asleep there, for as long as
+    its count of voluntary context switches stays the same (it never woke in between)."""
+
+    def __init__(self) -> None:
+        self._since: dict[int, tuple[int, int, float]] = {}  # tid -> (pid, switches, since)
+
+    def longest(self, pids: set[int], now: float) -> tuple[int, float]:
+        """(pid, seconds) of the thread of `pids` that has waited longest now; (0, 0.0) if
+        none waits."""
+        since: dict[int, tuple[int, int, float]] = {}
+        for pid in pids:
+            for tid, switches in _uffd_sleepers(pid).items():
+                old = self._since.get(tid)
+                same = old is not None and old[:2] == (pid, switches)
+                since[tid] = old if same and old is not None else (pid, switches, now)
+        self._since = since
+        pid, _, first = min(since.values(), key=lambda v: v[2], default=(0, 0, now))
+        return pid, now - first

@@ -17,6 +17,12 @@ Coordinator:
 - `ignore_late_mappers`: neither attach nor refuse processes that start mapping the object
   after the snapshot began.
 - `unprotect_before_save`: wake a faulting writer before its page is saved.
+- `untracked_writes`: write tracking (incremental snapshots) answers writes between snapshots
+  without recording them (a delta then misses them).
+- `no_stall_watch`: do not enforce the fault deadline (coordinator/_watch.py): writers held
+  before T, unanswered, or behind a stopped agent wait as long as that lasts.
+- `no_unprotect_for_stopped`: when a snapshot fails, leave the processes of a stopped agent
+  protected (delegated mode: we could un-protect them through our copies of their uffds).
 - `agent`: hooks for the attach agents this coordinator starts.
 
 Agent (a hook with a "pid" applies only to the agent tracking that process):
@@ -27,6 +33,12 @@ Agent (a hook with a "pid" applies only to the agent tracking that process):
   mapping, or every mapping, of that process, and report it protected.
 - `drop_forks`: release a forked child's tracking at once, yet report the child as tracked.
 - `ignore_remap`: do not follow mremap (the agent's address table goes stale).
+
+Injection (`uffdsnap.inject.create_uffd_in(pid, test_hooks=...)`):
+- `lend_unfrozen`: leave the target's other threads running while it holds the fds we lend
+  it (the /dev/userfaultfd fd, its copy of the new uffd): they can then take them.
+- `no_stall_watch`: do not release our writers when the coordinator stops answering them
+  (agent/_corelink.py watch_coordinator).
 """
 
 from __future__ import annotations

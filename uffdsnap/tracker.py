@@ -67,6 +67,11 @@ class Tracker:
     escapes: list[str] = field(default_factory=list)
     # forked while its parent was protected: a child of this snapshot (reported, named or not)
     born_in_snapshot: bool = False
+    # Write tracking: left registered and protected at the last release (`release` with keep),
+    # so every write since then faulted, except through a mapping our registration does not
+    # cover; `gap` says why, if one was found at the next protect.
+    kept: bool = False
+    gap: str = ""
 
     def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Run one uffd ioctl; while a fork/remap/remove event is pending the kernel answers
@@ -104,6 +109,8 @@ class Tracker:
         (`leave_unprotected`, "last" or "all", is a test hook, wrong on purpose: register but
         do not write-protect the last mapping, or any.)"""
         self.refresh()
+        if self.kept:
+            self._find_gap()
         if mapped is not None:
             mapped()
         self.protected = True
@@ -121,6 +128,17 @@ class Tracker:
                     self._call(K.writeprotect, self.uffd, m.start, m.length, protect=True)
         self.registered = [(m.start, m.end) for m in self.mappings]
         return self.mappings
+
+    def _find_gap(self) -> None:
+        """Kept since the last snapshot: a writable mapping our registration does not cover
+        (mapped anew, or grown by mremap) took writes no fault told us of."""
+        registered = Union(self.registered)
+        fresh = [m for m in self.mappings
+                 if m.writable and not registered.covers(m.start, m.end)]
+        if fresh and not self.gap:
+            self.gap = (f"pid {self.pid} mapped the object at {fresh[0].start:#x}-"
+                        f"{fresh[0].end:#x} anew since the previous snapshot: writes there "
+                        "were not tracked")
 
     def register_all(self) -> None:
         """Register (not protect) every shared mapping of the object in the process: from now
@@ -267,6 +285,17 @@ class Tracker:
         for start, end in self.registered:
             try:
                 self._call(K.writeprotect, self.uffd, start, end - start, protect=False)
+            except KernelError as e:
+                if e.errno not in (*GONE, errno.EINVAL, errno.ENOENT):
+                    raise
+
+    def wake_all(self) -> None:
+        """Wake every writer waiting on a fault, protection left as it is: one still blocked on
+        a protected page faults again, to whoever reads the uffd now (a fault read by a reader
+        that stopped would otherwise never be answered). Tolerates a process that is gone."""
+        for start, end in self.registered:
+            try:
+                self._call(K.wake, self.uffd, start, end - start)
             except KernelError as e:
                 if e.errno not in (*GONE, errno.EINVAL, errno.ENOENT):
                     raise

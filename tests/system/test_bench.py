@@ -146,7 +146,7 @@ def test_a_new_mode_gets_its_own_target() -> None:
 
 def test_bad_arguments_are_one_line() -> None:
     for args in (["--sizes", "lots"], ["--modes", "telepathy"], ["--kinds", "nvme"],
-                 ["--rate", "0"], ["--procs", "0"]):
+                 ["--rate", "0"], ["--procs", "0"], ["--only", "sessions,everything"]):
         proc = subprocess.run([sys.executable, "-m", "uffdsnap", "bench", "--quick", *args],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
@@ -206,6 +206,12 @@ def test_quick_run_json(tmp_path: Path) -> None:
     for r in sc["scaling"]:
         assert r["coordinator_maxrss_bytes"] > 0 and r["coordinator_cpu_s"] > 0
     assert {(r["procs"]) for r in sc["scaling"]} == {1, 2}
+    inc = sc["incremental"]
+    assert "error" not in inc, inc
+    # the delta holds exactly the pages written (its extents' bytes)
+    assert inc["delta"]["delta_extent_bytes"] == inc["delta"]["written_bytes"] > 0
+    for key in ("paced", "flat_out"):
+        assert inc[key]["tracked_ops_per_s"] > 0 and inc[key]["untracked_ops_per_s"] > 0
     rows = result["table"]
     assert rows and all(r["ours"] is not None for r in rows), rows
     assert all(r["met"] in (True, False, None) for r in rows)

@@ -112,6 +112,42 @@ if "--thread" in sys.argv:
         time.sleep(3600)
     threading.Thread(target=worker, daemon=True).start()
     started.wait()
+# --steal: a hostile thread (a new thread per scan with --churn) scans its own fd table for
+# whatever names userfaultfd, keeps a dup of it, and tries to make a uffd with a device fd.
+stolen, scans, ours = [], 0, set()
+def steal_once():
+    global scans
+    scans += 1
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) in ours:
+            continue
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+            if "userfaultfd" not in link:
+                continue
+            kept = os.dup(int(name))
+            if os.readlink(f"/proc/self/fd/{kept}") != link:  # the number was reused
+                os.close(kept)
+                continue
+        except OSError:
+            continue
+        ours.add(kept)
+        if link == "/dev/userfaultfd":  # USERFAULTFD_IOC_NEW
+            made = libc.ioctl(kept, 0xAA00, os.O_CLOEXEC | os.O_NONBLOCK)
+            ours.add(made)
+            stolen.append("uffd-from-device" if made >= 0 else "device")
+        else:
+            stolen.append("uffd-copy")
+if "--steal" in sys.argv:
+    def stealer():
+        while True:
+            if "--churn" in sys.argv:
+                scan = threading.Thread(target=steal_once)
+                scan.start()
+                scan.join()
+            else:
+                steal_once()
+    threading.Thread(target=stealer, daemon=True).start()
 def serve():
     say("ready", os.getpid(), threading.get_native_id(), addr, 4 * PAGE, worker_tid)
     while True:
@@ -150,6 +186,8 @@ def serve():
             say("blocking")
             events = ep.poll()
             say("got", os.read(0, int(cmd[1])).decode(), events == [(0, select.EPOLLIN)])
+        elif cmd[0] == "thefts":
+            say("thefts", scans, ",".join(sorted(set(stolen))) or "none")
         elif cmd[0] == "exit":
             os._exit(int(cmd[1]))
 
@@ -207,6 +245,12 @@ class Target:
         """Proves the target runs and answers; returns how many SIGUSR1 it has handled."""
         self.send("ping\n")
         return int(self.expect("pong")[0])
+
+    def thefts(self) -> tuple[int, str]:
+        """(scans so far, what the --steal thread got hold of: "none" or kinds joined by ",")."""
+        self.send("thefts\n")
+        scans, kinds = self.expect("thefts")
+        return int(scans), kinds
 
     def finish(self) -> int:
         self.send("exit 0\n")
@@ -502,6 +546,121 @@ def test_process_whose_main_thread_exited_gets_a_working_uffd(spawn, user):
     assert target.finish() == 0
 
 
+# ---- nothing we lend outlives its use: the other threads are stopped meanwhile -------------
+
+LEND_ROUNDS = 100  # attaches a hostile target gets to catch what we lend it
+CONTROL_ROUNDS = 300  # the control's bound: it must catch the lent fd within these
+
+
+def thread_states(pid: int) -> dict[int, tuple[str, str]]:
+    """{tid: (State, TracerPid)} of every thread of `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(tid)] = (status(f"{pid}/task/{tid}", "State"),
+                             status(f"{pid}/task/{tid}", "TracerPid"))
+        except (OSError, KeyError):
+            pass  # (a --churn scan thread that just exited)
+    return out
+
+
+def wait_scanning(target: Target) -> int:
+    """Until the --steal thread has scanned again (it runs: nothing left it stopped); the
+    count. Polled: a spinning thread signals nothing."""
+    first, _ = target.thefts()
+    deadline = time.monotonic() + DEADLINE
+    while (now := target.thefts()[0]) <= first:
+        assert time.monotonic() < deadline, "the stealing thread stopped scanning"
+        time.sleep(0.001)
+    return now
+
+
+@needs_root
+@pytest.mark.parametrize("churn", [False, True], ids=["spinning-thread", "new-thread-per-scan"])
+def test_no_other_thread_can_take_the_lent_device_fd(spawn, churn):
+    """A uid-65534 target whose other thread scans its fd table for anything naming
+    userfaultfd (or, --churn, a thread created anew for every scan: threads born while we stop
+    the others) never gets the /dev/userfaultfd fd we lend it nor a copy of the uffd, over
+    LEND_ROUNDS attaches; and every attach still leaves it running, untraced, working."""
+    target = spawn("--steal", *(["--churn"] if churn else []), user=NOBODY)
+    wait_scanning(target)
+    for _ in range(LEND_ROUNDS):
+        fd, route = create_uffd_in(target.pid)
+        os.close(fd)
+        assert route == "device"
+    assert target.thefts()[1] == "none"
+    wait_scanning(target)  # the other threads were let go
+    assert all(tracer == "0" and not state.startswith("t")
+               for state, tracer in thread_states(target.pid).values())
+    fd = protect_all(target, NOBODY)
+    try:
+        target.send("write 1 5\n")
+        assert wait_fault(fd).address == target.addr + PAGE
+        uffd.writeprotect(fd, target.addr + PAGE, PAGE, False)
+        assert target.expect("wrote") == ["1", "5"]
+    finally:
+        os.close(fd)
+    assert target.thefts()[1] == "none"
+    assert target.finish() == 0
+
+
+@needs_root
+def test_control_threads_left_running_take_the_lent_device_fd(spawn):
+    """The negative control: with the other threads left running (test hook lend_unfrozen, the
+    behaviour before), the same thread gets the device fd and makes a uffd with it, which
+    vm.unprivileged_userfaultfd=0 denies uid 65534."""
+    target = spawn("--steal", user=NOBODY)
+    wait_scanning(target)
+    kinds = "none"
+    for _ in range(CONTROL_ROUNDS):
+        fd, route = create_uffd_in(target.pid, test_hooks={"lend_unfrozen": True})
+        os.close(fd)
+        assert route == "device"
+        kinds = target.thefts()[1]
+        if "uffd-from-device" in kinds:
+            break
+    assert "uffd-from-device" in kinds, f"no theft in {CONTROL_ROUNDS} rounds: {kinds}"
+
+
+@needs_root
+def test_other_threads_stay_stopped_while_a_lent_fd_is_open_and_go_on_any_way_out(spawn):
+    """Stopped other threads are resumed only once no fd we made is left in the target; an
+    error inside the block still closes it, then resumes them."""
+    target = spawn("--thread", user=NOBODY)
+    wait_in_syscall(target.pid, target.worker_tid, SYS_CLOCK_NANOSLEEP)
+    device = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+    fds_before = fd_table(target.pid)
+    try:
+        with pytest.raises(RuntimeError, match="on purpose"), injected(target.pid) as t:
+            assert t.stop_other_threads() == 1
+            assert thread_states(target.pid)[target.worker_tid][0].startswith("t")
+            theirs = t.give_fd(device)
+            with pytest.raises(KernelError, match="still open") as caught:
+                t.resume_other_threads()
+            assert caught.value.errno == errno.EBUSY
+            assert thread_states(target.pid)[target.worker_tid][0].startswith("t")
+            assert str(theirs) in fd_table(target.pid)
+            raise RuntimeError("on purpose")
+    finally:
+        os.close(device)
+    assert fd_table(target.pid) == fds_before
+    assert all(tracer == "0" for _state, tracer in thread_states(target.pid).values())
+    wait_in_syscall(target.pid, target.worker_tid, SYS_CLOCK_NANOSLEEP)  # back in its sleep
+    assert_released(target)
+    assert target.finish() == 0
+
+
+@needs_root
+def test_target_killed_while_its_threads_are_stopped_is_a_clear_error(spawn):
+    target = spawn("--thread", user=NOBODY)
+    with pytest.raises(KernelError) as caught, injected(target.pid) as t:
+        t.stop_other_threads()
+        os.kill(target.pid, signal.SIGKILL)
+        t.syscall(SYS_GETPID)
+    assert caught.value.errno == errno.ESRCH
+    assert target.proc.wait(DEADLINE) == -signal.SIGKILL
+
+
 # ---- targets that go away, or cannot be had ------------------------------------------------
 
 
@@ -588,6 +747,71 @@ def test_unstoppable_target_times_out_then_is_released_when_it_can_stop(vfork_wa
         assert caught.value.errno == errno.ETIMEDOUT
         assert proc.stdin is not None
         proc.stdin.write(b"x")  # the vfork child exits; the parent stops, we restore + detach
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"done\n"
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# A thread in the kernel's vfork wait (state D: PTRACE_INTERRUPT cannot stop it) beside a main
+# thread that can be stopped; the vfork child exits when a byte arrives on stdin.
+VFORK_THREAD_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void *vforker(void *arg) {
+    char c;
+    pid_t child = vfork();
+    if (child == 0)
+        _exit(read(0, &c, 1) == 1 ? 0 : 1);
+    waitpid(child, NULL, 0);
+    printf("done\n");
+    fflush(stdout);
+    return arg;
+}
+int main(void) {
+    pthread_t thread;
+    pthread_create(&thread, NULL, vforker, NULL);
+    printf("ready\n");
+    fflush(stdout);
+    pthread_join(thread, NULL);
+    return 0;
+}
+"""
+
+
+def test_a_thread_that_cannot_stop_fails_the_attach_and_stops_nothing(tmp_path):
+    """create_uffd_in stops the other threads before it lends anything; one that cannot stop
+    (vfork wait) makes it fail with ETIMEDOUT, and no thread is left stopped or traced: the
+    vforking thread carries on when its child exits."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "vfork_thread"
+    (tmp_path / "vfork_thread.c").write_text(VFORK_THREAD_C)
+    subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(tmp_path / "vfork_thread.c")],
+                   check=True)
+    proc = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + DEADLINE
+        while not any(state.startswith("D") for tid, (state, _) in
+                      thread_states(proc.pid).items() if tid != proc.pid):  # no event for it
+            assert time.monotonic() < deadline, thread_states(proc.pid)
+            time.sleep(0.001)
+        with pytest.raises(KernelError) as caught:
+            create_uffd_in(proc.pid, timeout=1.0)
+        assert caught.value.errno == errno.ETIMEDOUT, caught.value
+        assert "did not stop" in str(caught.value)
+        states = thread_states(proc.pid)
+        assert all(tracer == "0" for _state, tracer in states.values()), states
+        assert not states[proc.pid][0].startswith("t"), states
+        assert proc.stdin is not None
+        proc.stdin.write(b"x")
         proc.stdin.flush()
         assert proc.stdout.readline() == b"done\n"
         assert proc.wait(DEADLINE) == 0

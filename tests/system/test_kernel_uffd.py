@@ -435,3 +435,52 @@ def test_read_events_empty_and_creation_routes() -> None:
 
 if __name__ == "__main__":
     writer_main(*map(int, sys.argv[1:4]))
+
+
+@needs_root
+def test_write_tracking_facts() -> None:
+    """The facts incremental snapshots rest on (docs/tracking.md, "Why not WP_ASYNC"), checked
+    on this kernel: an async uffd records writes with no handler, but unregistering it loses the
+    record (every page then reads "written"); with a sync uffd the written flag is exactly the
+    pages un-protected since the protect."""
+    import mmap
+
+    from uffdsnap.native.pagemap import written_pages
+
+    fd = os.memfd_create("tracking-facts", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, SIZE)
+        m = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        import ctypes
+
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        for i in range(NPAGES):
+            m[i * PAGE] = 1
+        me = os.getpid()
+        u, _ = uf.create_uffd()
+        try:
+            uf.api(u, uf.REQUIRED_FEATURES | uf.FEATURES["WP_ASYNC"])
+            uf.register(u, addr, SIZE, uf.REGISTER_MODE_WP)
+            uf.writeprotect(u, addr, SIZE, True)
+            assert written_pages(me, addr, SIZE, PAGE) == []
+            m[3 * PAGE] = m[5 * PAGE] = 7  # async: the kernel resolves the faults itself
+            assert written_pages(me, addr, SIZE, PAGE) == [3, 5]
+            uf.unregister(u, addr, SIZE)
+            assert written_pages(me, addr, SIZE, PAGE) == list(range(NPAGES))  # record lost
+        finally:
+            os.close(u)
+        s, _ = uf.create_uffd()
+        try:
+            uf.api(s, uf.REQUIRED_FEATURES)
+            uf.register(s, addr, SIZE, uf.REGISTER_MODE_WP)
+            uf.writeprotect(s, addr, SIZE, True)
+            assert written_pages(me, addr, SIZE, PAGE) == []
+            uf.writeprotect(s, addr + 6 * PAGE, PAGE, False)
+            assert written_pages(me, addr, SIZE, PAGE) == [6]
+            uf.unregister(s, addr, SIZE)
+        finally:
+            os.close(s)
+        del addr
+        m.close()
+    finally:
+        os.close(fd)

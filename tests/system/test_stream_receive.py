@@ -179,7 +179,8 @@ async def test_faulted_pages_first_publish_what_a_local_snapshot_does(image: str
     result, reply = await receive_parts(parts, out)
     assert result.ok, result.error
     assert_same_image(out, image)
-    assert reply == Reply(True, manifest_sha256=sha256_of(manifest_path(image)))
+    assert reply == Reply(True, manifest_sha256=sha256_of(manifest_path(image)),
+                          image="got.img")
     assert result.compressed_records > 0
     assert leftovers(out_dir) == ["got.img", "got.img.json"]
 
@@ -469,7 +470,8 @@ async def test_live_snapshot_streamed_over_a_shaped_link(live_image: str,
         reply = await send_to((link.receiver_addr, 7000), parts, sock=link.socket())
         stdout, stderr = finish(proc, WAIT_S)
     assert proc.returncode == 0, stderr
-    assert reply == Reply(True, manifest_sha256=sha256_of(manifest_path(live_image)))
+    assert reply == Reply(True, manifest_sha256=sha256_of(manifest_path(live_image)),
+                          image="got.img")
     assert "receiving from 198.18.0.1:" in stdout and "received " + out in stdout
     assert_same_image(out, live_image)
     assert wl.check_file(out).ok

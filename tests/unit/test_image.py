@@ -377,7 +377,9 @@ _DELETE = object()
 
 BAD_FIELDS: list[tuple[tuple[Any, ...], Any]] = [
     (("format",), "qcow2"),
-    (("format_version",), 2),
+    (("format_version",), 2),  # a delta without its parent
+    (("format_version",), 3),
+    (("parent",), {"image": "a.img", "manifest_sha256": "0" * 64, "snapshot_unix_ns": 0}),
     (("format_version",), "1"),
     (("format_version",), True),
     (("object", "size"), -1),

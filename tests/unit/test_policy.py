@@ -174,6 +174,35 @@ def test_protect_timeout_names_the_silent() -> None:
     assert p.failure == "agents for pids [101] did not protect within 2 s"
 
 
+def test_a_writer_past_the_fault_deadline_names_who_kept_it() -> None:
+    """Bounded waits: before T a held writer names the agents that have not protected (or
+    that T was not reached); after T, whoever should have answered. The oldest fault held on
+    the main connection is known, so its wait can be measured."""
+    p = policy("a", "b")
+    p.start_protect()
+    p.protected("a", 1, 10)
+    assert p.oldest_held() is None
+    p.fault("a", PAGE, 70, already_saved=False)
+    p.fault("a", 0, 50, already_saved=False)
+    held = p.oldest_held()
+    assert held is not None and (held.key, held.offset, held.seen_ns) == ("a", 0, 50)
+    why = p.writer_overdue("pid 100 (a)", 2.1, 2.0, "the agent of pid 100")
+    assert why.startswith("agents for pids [101] did not protect within 2 s, the fault "
+                          "deadline") and "pid 100 (a) waited on a held write fault" in why
+    p.protected("b", 1, 10)
+    why = p.writer_overdue("pid 100 (a)", 2.1, 2.0, "x")
+    assert why.startswith("T was not reached within the fault deadline (2 s)")
+    p.declare_t()
+    assert p.oldest_held() is None  # (served at T)
+    why = p.writer_overdue("pid 101 (b)", 2.34, 2.0, "the agent host (pid 9) of pids [101]")
+    assert why == ("pid 101 (b) waited 2.3 s on a write fault, past the fault deadline (2 s): "
+                   "the agent host (pid 9) of pids [101] stopped answering")
+    assert p.failure is None  # (the caller fails the run with it: its release wakes everyone)
+    why = SnapshotPolicy.agent_stopped("the agent (pid 7) of pid 100 (a)", 2.05, 0.5)
+    assert why == ("the agent (pid 7) of pid 100 (a) has been stopped for 2.0 s (SIGSTOP or a "
+                   "tracer), past the fault deadline (0.5 s): it cannot answer")
+
+
 def test_the_verdict_checks_audits_silence_and_untracked() -> None:
     p = policy("a", "b")
     to_t(p)

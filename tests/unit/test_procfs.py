@@ -10,7 +10,10 @@ import pytest
 from uffdsnap.procfs import (
     Mapping,
     ObjectId,
+    ns_pids,
     parse_maps,
+    parse_ns_pids,
+    pid_namespace,
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -65,3 +68,35 @@ def test_parse_maps_rejects_malformed(line: str) -> None:
     with pytest.raises(ValueError, match="unparseable"):
         parse_maps(line + "\n")
 
+
+
+# ---- NSpid: a process's pid in each PID namespace from ours down to its own -----------------
+
+
+def test_ns_pids_parses_every_level_and_starts_with_our_pid() -> None:
+    assert parse_ns_pids("4321\t17\t1", 4321) == (4321, 17, 1)
+    assert parse_ns_pids("88", 88) == (88,)
+
+
+@pytest.mark.parametrize("value", [None, "", "x 1", "12 1"])
+def test_ns_pids_missing_malformed_or_not_ours_is_no_such_process(value: str | None) -> None:
+    """No field (a kernel without it), garbage, or a first pid that is not the one we read
+    (/proc of another namespace): never a guess."""
+    with pytest.raises(ProcessLookupError):
+        parse_ns_pids(value, 11)
+
+
+def test_ns_pids_and_namespace_of_a_live_process() -> None:
+    """Our own: one level if our /proc is our namespace's, ending with the pid we see; the
+    namespace is the one /proc/self/ns/pid names."""
+    pids = ns_pids(os.getpid())
+    assert pids[0] == os.getpid()
+    st = os.stat("/proc/self/ns/pid")
+    assert pid_namespace(os.getpid()) == (st.st_dev, st.st_ino)
+
+
+def test_ns_pids_of_a_missing_process_is_no_such_process() -> None:
+    with pytest.raises(ProcessLookupError):
+        ns_pids(2**22 + 1)  # above pid_max's ceiling: never a process
+    with pytest.raises(ProcessLookupError):
+        pid_namespace(2**22 + 1)

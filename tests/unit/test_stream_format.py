@@ -301,7 +301,9 @@ HOSTILE: list[tuple[str, Callable[[], bytes], str]] = [
      "control characters"),
     ("object dev text", lambda: header_rec(object={**OBJ, "dev": "25"}), "object.dev"),
     ("parent", lambda: header_rec(parent={"name": "a.img", "manifest_sha256": "0" * 64}),
-     "incremental streams are not supported"),
+     "HEADER: parent: missing field 'image'"),
+    ("parent later", lambda: header_rec(parent={"image": "a.img", "manifest_sha256": "0" * 64,
+                                                "snapshot_unix_ns": T}), "not earlier"),
     ("too many pages", lambda: header_rec(size=(MAX_OBJECT_PAGES + 1) * P),
      "more than this receiver takes"),
     # PAGES
@@ -513,7 +515,14 @@ def test_reply_lines() -> None:
     line = encode_reply(Reply(False, error="disk full\nand \x1b[31mred"))
     assert line == b"error: disk full\\x0aand \\x1b[31mred\n"
     assert decode_reply(line) == Reply(False, error="disk full\\x0aand \\x1b[31mred")
-    for bad in (b"ok\n", b"ok 1234\n", b"fine\n", b"ok " + sha.encode(), b"x" * 5000 + b"\n"):
+    named = Reply(True, manifest_sha256=sha, image="snapshot-1.img")
+    assert encode_reply(named) == f"ok {sha} snapshot-1.img\n".encode()
+    assert decode_reply(encode_reply(named)) == named
+    # a name a parent reference could not carry safely is left out, never sent
+    unsafe = Reply(True, manifest_sha256=sha, image="a b/../c")
+    assert encode_reply(unsafe) == f"ok {sha}\n".encode()
+    for bad in (b"ok\n", b"ok 1234\n", b"fine\n", b"ok " + sha.encode(), b"x" * 5000 + b"\n",
+                f"ok {sha} ../x\n".encode(), f"ok {sha} a b\n".encode()):
         with pytest.raises(StreamError):
             decode_reply(bad)
 

@@ -18,6 +18,7 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.agent._agent import Agent, report
+from uffdsnap.agent._corelink import set_fault_deadline
 from uffdsnap.channel import Channel, connect
 from uffdsnap.errors import UserError
 from uffdsnap.groups import unwrap_group
@@ -61,12 +62,13 @@ async def _join(chan: Channel, pid: int, mode: str) -> Welcome:
 async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
                     on_joined: Callable[[], None] | None = None,
                     test_hooks: testhooks.Hooks | None = None,
-                    handle_signals: bool = True) -> str:
+                    handle_signals: bool = True, coordinator_uid: int | None = None) -> str:
     """Track process `pid` through `uffd` (which this call now owns) for `coordinator`.
 
     Returns why it ended ("process exited", "coordinator closed the connection", ...). Whatever
     happens, every tracked process is left un-protected and unregistered and every uffd closed.
-    (`handle_signals`: end on SIGTERM/SIGINT/SIGHUP; an agent host handles them once for all.)
+    (`handle_signals`: end on SIGTERM/SIGINT/SIGHUP; an agent host handles them once for all.
+    `coordinator_uid`: a user besides root and ours whom we trust to listen at `coordinator`.)
     """
     try:
         pidfd = pidfd_open(pid)
@@ -77,11 +79,13 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
     try:
         negotiate(uffd)
         snapcore.load()  # now, not inside a protect phase, where writers may be waiting
-        chan = await connect(coordinator, Role.AGENT)
+        chan = await connect(coordinator, Role.AGENT, coordinator_uid)
         try:
             welcome = await _join(chan, pid, mode)
             obj = ObjectId(welcome.major, welcome.minor, welcome.inode)
             agent.delegate = welcome.delegate
+            if welcome.fault_deadline_ms:  # (an agent host serves one coordinator)
+                set_fault_deadline(welcome.fault_deadline_ms / 1000)
             agent.page_size = welcome.page_size
             agent.object_id = obj
             tracker = Tracker(uffd, pid, obj, welcome.page_size, pidfd=pidfd)

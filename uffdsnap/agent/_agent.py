@@ -24,6 +24,7 @@ from uffdsnap.agent._children import (
 from uffdsnap.agent._corelink import stop_core
 from uffdsnap.agent._faultlog import FaultLog
 from uffdsnap.agent._phases import on_protect, on_release
+from uffdsnap.agent._written import flush_written, written_here
 from uffdsnap.channel import Channel, PeerClosed
 from uffdsnap.native import uffd as K
 from uffdsnap.native.core import SnapCore
@@ -85,6 +86,8 @@ class Agent:
         Agent._here.add(self)
         self.unnamed_children = 0  # this snapshot's (see Released)
         self.releasing = False  # between un-protecting and unregistering, at release
+        self.keeping = False  # the last release kept protection (write tracking)
+        self.written: set[int] = set()  # since then: offsets of pages we un-protected
 
     def add(self, tracker: Tracker) -> None:
         if not tracker.ident:
@@ -257,6 +260,9 @@ class Agent:
                 self._end(f"pid {tracker.pid}: a write fault at {event.address:#x}, outside "
                           "every mapping of the object we know of: tracking lost")
                 return
+            if self.keeping and not self.lent:  # write tracking, between snapshots
+                await written_here(self, tracker, offset)
+                return
             self.log.seen(offset, monotonic_ns())  # duplicates (after a signal) go on too:
             await self._send(Fault(offset, event.tid, self.log.pending[offset]))  # idempotent
         elif isinstance(event, K.Fork):
@@ -300,6 +306,7 @@ class Agent:
         the coordinator read may still be on its way (its parent forked, then exited), with a
         child to track; we end after the release."""
         if not self.trackers and not self.lent and not process_running(self.pid):
+            await flush_written(self)
             await self._send(Gone("process exited"))
             self._end("process exited")
         else:

@@ -75,7 +75,9 @@ def adopt_child(agent: Agent, parent: Tracker, uffd: int, ident: int = 0) -> Non
     child = Tracker(uffd, None, parent.object_id, parent.page_size, list(parent.mappings),
                     list(parent.registered), parent.protected,
                     # its registration is its parent's: any child of its own is younger
-                    registered_since=parent.registered_since or boot_ticks(), ident=ident)
+                    registered_since=parent.registered_since or boot_ticks(), ident=ident,
+                    # write tracking: it inherited its parent's protection, page for page
+                    kept=parent.kept, gap=parent.gap)
     if agent.hooks.get("drop_forks"):  # wrong on purpose: untracked, yet reported tracked
         child.release()
         child.mappings = []
@@ -88,7 +90,7 @@ def adopt_child(agent: Agent, parent: Tracker, uffd: int, ident: int = 0) -> Non
         except KernelError as e:
             if e.errno not in GONE:
                 raise
-    elif agent.releasing:
+    elif agent.releasing and not agent.keeping:
         # forked after the snapshot (while we were releasing its parent): born registered and
         # perhaps partly protected; between snapshots nothing is tracked
         child.registered = [(m.start, m.end) for m in child.mappings]

@@ -7,14 +7,24 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import trio
 
 from uffdsnap.agent._children import adopt_child, departed_event
 from uffdsnap.native import uffd as K
-from uffdsnap.native.core import SC_EVENT, SC_FAILED, SC_GONE, SnapCore, describe_error
+from uffdsnap.native.core import (
+    FAULT_DEADLINE_MS,
+    SC_EVENT,
+    SC_FAILED,
+    SC_GONE,
+    SnapCore,
+    describe_error,
+)
 from uffdsnap.native.libc import KernelError
+from uffdsnap.procfs import FaultWaits
+from uffdsnap.protocol import Abort
 
 if TYPE_CHECKING:
     from uffdsnap.agent._agent import Agent
@@ -22,6 +32,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORWARD_IDENT = 0  # the core's name for the fault channel (trackers are 1, 2, ...)
+WATCH_PERIOD_MAX_S = 0.1  # how often the watch reads /proc (at most)
+ABORT_SEND_S = 0.1  # the watch's word to the coordinator may not delay the release longer
+DEADLINE_MAX_S = 3600.0  # (the native core's limit)
+
+
+class Deadline:
+    """The fault deadline at this agent's end (seconds): the longest its core lets a frame
+    wait for the coordinator, and, with a grace that lets a coordinator that still runs act
+    first (its reason is the clearer one), the longest a writer of ours may wait on a fault
+    before we release it ourselves. The coordinator's, from its `welcome` (set_fault_deadline;
+    an agent host's agents all serve one coordinator)."""
+
+    seconds = FAULT_DEADLINE_MS / 1000
+
+    @classmethod
+    def ours(cls) -> float:
+        return cls.seconds + min(0.5, cls.seconds / 2)
+
+
+def set_fault_deadline(seconds: float) -> None:
+    """(Kept within what the core takes: from 1 ms to an hour.)"""
+    Deadline.seconds = min(max(seconds, 0.001), DEADLINE_MAX_S)
 
 
 def start_core(agent: Agent) -> socket.socket:
@@ -35,6 +67,7 @@ def start_core(agent: Agent) -> socket.socket:
         theirs.close()
         raise
     agent.core, agent._fault_sock = core, ours
+    core.set_fault_deadline(Deadline.seconds)
     core.forward(FORWARD_IDENT, ours.fileno())
     for tracker in list(agent.trackers):
         tracker.lend(core, tracker.ident)
@@ -136,4 +169,34 @@ async def serve_core_events(agent: Agent, core: SnapCore) -> None:
                     core.resume(tracker.ident)
         if failed:
             agent._end(failed)
+            return
+
+
+def start_watch(agent: Agent) -> None:
+    """From protect to release (our uffds lent to our core or to the coordinator): watch for a
+    coordinator that stopped answering (see watch_coordinator). Test hook `no_stall_watch`:
+    not (the negative control)."""
+    if agent._nursery is not None and not agent.hooks.get("no_stall_watch"):
+        agent._nursery.start_soon(watch_coordinator, agent, agent.resumed)
+
+
+async def watch_coordinator(agent: Agent, released: trio.Event) -> None:
+    """A writer of ours asleep on a write fault past the deadline means nobody answers it: a
+    stopped or stuck coordinator (in delegated mode it reads our faults itself, so our core
+    sees nothing, but /proc shows the writer waiting). End, which releases our processes (the
+    coordinator, if it ever runs again, finds us gone and fails the snapshot)."""
+    waits = FaultWaits()
+    period = min(WATCH_PERIOD_MAX_S, Deadline.seconds / 8)
+    while True:
+        with trio.move_on_after(period):  # polling /proc: nothing signals a sleeping writer
+            await released.wait()
+            return
+        pid, waited = waits.longest({t.pid for t in agent.trackers if t.pid}, time.monotonic())
+        if waited >= Deadline.ours():
+            why = (f"pid {pid}: a writer waited {waited:.1f} s on a write fault, past the fault "
+                   f"deadline ({Deadline.seconds:g} s): the coordinator stopped answering; "
+                   "released")
+            with trio.move_on_after(ABORT_SEND_S):  # (its socket takes it: it is stopped)
+                await agent._send(Abort(why))  # the reason it finds when it runs again
+            agent._end(why)
             return

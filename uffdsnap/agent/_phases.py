@@ -15,7 +15,8 @@ import trio
 from uffdsnap import testhooks
 from uffdsnap.agent._audit import audit
 from uffdsnap.agent._children import CHILD_SEARCH_S
-from uffdsnap.agent._corelink import start_core, stop_core
+from uffdsnap.agent._corelink import start_core, start_watch, stop_core
+from uffdsnap.agent._written import flush_written
 from uffdsnap.channel import Channel
 from uffdsnap.native.libc import KernelError
 from uffdsnap.procfs import Mapping
@@ -41,6 +42,10 @@ async def on_protect(agent: Agent, chan: Channel, msg: Protect) -> None:
     """Protect every tracked process, hand the uffds (delegated) or a fault channel (agents
     mode) to the coordinator, then say `protected` with what we covered."""
     await _test_hold_protect(agent)
+    # write tracking: from now on faults go to the snapshot; what we noted since the last
+    # release goes to the coordinator first (before `protected`, so before T)
+    agent.keeping = False
+    await flush_written(agent)
     agent.log.reset()
     agent.unnamed_children = 0
     agent.releasing = False
@@ -52,6 +57,8 @@ async def on_protect(agent: Agent, chan: Channel, msg: Protect) -> None:
     agent.lent = agent.delegate or use_core
     agent.resumed = trio.Event()
     theirs = start_core(agent) if use_core else None
+    if agent.lent:
+        start_watch(agent)  # a coordinator that stops answering: writers released anyway
     t0 = monotonic_ns()
     maps = [m for t in list(agent.trackers) for m in _protect(agent, t)]
     protect_ns = monotonic_ns() - t0
@@ -75,20 +82,34 @@ async def on_protect(agent: Agent, chan: Channel, msg: Protect) -> None:
             await chan.send(FaultChannel(msg.snapshot), fds=[theirs.fileno()])
         finally:
             theirs.close()
+    gap = next((t.gap for t in agent.trackers if t.gap), "")
+    for t in agent.trackers:
+        t.gap = ""
     await chan.send(Protected(msg.snapshot, tuple((m.start, m.length, m.offset) for m in maps),
-                              protect_ns))
+                              protect_ns, gap))
 
 
 async def on_release(agent: Agent, chan: Channel, msg: Release) -> None:
     """The copy is over: take back the uffds, audit for escapes, let writers run, name the
-    children forked meanwhile, unregister, and report."""
+    children forked meanwhile, unregister, and report. With `keep` (write tracking), nothing
+    is un-protected or unregistered: the pages still protected stay so, and their next writes
+    fault to us, which we forward as between snapshots."""
     await children_found(agent)  # so that `tracked` precedes `released`
     stop_core(agent)  # (fork events it read last: their children adopted)
     agent.departed.clear()
     escapes = [] if agent.hooks.get("no_escape_audit") else audit(agent)
     agent.releasing = True  # forks from now on are after the snapshot
+    agent.keeping = msg.keep
     for tracker in list(agent.trackers):
-        tracker.unprotect_all()  # writers run on
+        tracker.kept = msg.keep
+        if msg.keep:
+            tracker.protected = False  # (between snapshots: new mappings are a gap, not an
+            # escape; the next protect reports them)
+            # faults the coordinator or our core read and never answered: their writers
+            # fault again, to our reader (which forwards them as between snapshots)
+            tracker.wake_all()
+        else:
+            tracker.unprotect_all()  # writers run on
     if agent.lent:
         agent.lent = False
         agent.resumed.set()
@@ -96,7 +117,8 @@ async def on_release(agent: Agent, chan: Channel, msg: Release) -> None:
     # for their pids
     await children_found(agent)
     for tracker in list(agent.trackers):
-        tracker.release()
+        if not msg.keep:
+            tracker.release()
         if tracker.pid is None and tracker.born_in_snapshot:
             agent.unnamed_children += 1  # tracked, never named (see find_child)
     agent.releasing = False

@@ -26,6 +26,9 @@ RSS_TARGET_BYTES = 100 * MiB     # coordinator peak RSS <= 100 MiB ...
 RSS_TARGET_AT = 4 * GiB          # ... with a 4 GiB object
 
 KINDS = ("shmem", "hugetlb")
+# The bench's parts (`uffdsnap bench --only`): the sessions (start pause, fault service, copy,
+# workload, scaling), time to T, streaming, incremental snapshots.
+PARTS = ("sessions", "time-to-t", "streaming", "incremental")
 HUGE_PAGE = 2 * MiB
 
 
@@ -69,6 +72,7 @@ class BenchConfig:
     reserve_hugepages: bool = False
     plots: bool = True
     timeout_s: float = 600.0    # for one snapshot
+    parts: tuple[str, ...] = PARTS
 
     @classmethod
     def preset(cls, quick: bool, **overrides: Any) -> BenchConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from uffdsnap.bench import timetot
+from uffdsnap.bench import incremental, timetot
 from uffdsnap.bench.config import (
     COPY_TARGET,
     FAULT_P50_TARGET,
@@ -181,6 +181,8 @@ def table(sc: dict[str, Any]) -> list[dict[str, Any]]:
                              r["native_undisturbed_ops_per_s"], "undisturbed", "ops/s", None,
                              "reference"))
     rows += timetot.rows(sc.get("time_to_t", []), _row)
+    if sc.get("incremental"):
+        rows += incremental.rows(sc["incremental"], _row)
     by_mode: dict[str, dict[str, Any]] = {}
     for r in sc["scaling"]:
         best = by_mode.get(r["mode"])

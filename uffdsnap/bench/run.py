@@ -11,6 +11,7 @@ from typing import Any
 
 from uffdsnap.bench import plots
 from uffdsnap.bench.config import BenchConfig, plan
+from uffdsnap.bench.incremental import run_incremental
 from uffdsnap.bench.procs import BenchError
 from uffdsnap.bench.report import scenarios, table
 from uffdsnap.bench.scenarios import run_all
@@ -45,21 +46,23 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print,
               command: str = "uffdsnap bench") -> dict[str, Any]:
     """Run the whole bench; return the result (JSON-able). Plots go to cfg.out_dir if given."""
     dest_root = preflight(cfg)
-    sessions = plan(cfg)
+    sessions = plan(cfg) if "sessions" in cfg.parts else []
     say(f"uffdsnap bench: {len(sessions)} sessions, modes {', '.join(cfg.modes)}; images in "
         f"{dest_root}")
     dest = tempfile.mkdtemp(prefix="uffdsnap-bench-", dir=dest_root)
     t0 = time.monotonic()
     try:
         results, info = run_all(cfg, sessions, dest, say)
-        time_to_t = run_time_to_t(cfg, dest, say)
-        streaming = run_streaming(cfg, dest, say)
+        time_to_t = run_time_to_t(cfg, dest, say) if "time-to-t" in cfg.parts else []
+        streaming = run_streaming(cfg, dest, say) if "streaming" in cfg.parts else {}
+        incremental = run_incremental(cfg, dest, say) if "incremental" in cfg.parts else {}
     finally:
         shutil.rmtree(dest, ignore_errors=True)
     sc = scenarios(results, list(cfg.modes))
     sc["time_to_t"] = time_to_t
     sc["streaming"] = streaming
-    rows = table(sc) + streaming_rows(streaming)
+    sc["incremental"] = incremental
+    rows = table(sc) + (streaming_rows(streaming) if streaming else [])
     skipped = [{"session": r["name"], "reason": r["skipped"]} for r in results if r.get("skipped")]
     errors = [{"session": r["name"], "event": ev, "error": msg}
               for r in results for ev, msg in r.get("errors", {}).items()]

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("uffdsnap.cli.commands.verify", "check an image against its manifest"),
     "info": ("uffdsnap.cli.commands.info", "show what an image's manifest records"),
     "restore": ("uffdsnap.cli.commands.restore", "write an image's bytes back to a file or object"),
+    "compact": ("uffdsnap.cli.commands.compact",
+                "merge a chain of delta images into one full image"),
     "receive": ("uffdsnap.cli.commands.receive", "receive a snapshot streamed from another host"),
     "demo": ("uffdsnap.cli.commands.demo",
              "snapshot an embedded multi-process workload, end to end"),

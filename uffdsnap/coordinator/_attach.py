@@ -84,6 +84,7 @@ class Attacher:
         self._forked = forked  # a host started already, ours to use first
         self._host_gone = trio.Event()
         self._last_error = ""
+        self._killed = False  # (kill_host: once per host)
 
     @property
     def host_pid(self) -> int | None:
@@ -132,8 +133,9 @@ class Attacher:
     def kill_host(self, why: str) -> None:
         """One of the host's agents stopped answering: kill the host, which releases every
         target it holds (they are attached anew next time)."""
-        if self.host is not None and self.host.returncode is None:
+        if self.host is not None and self.host.returncode is None and not self._killed:
             log.warning("killing the agent host (pid %d): %s", self.host.pid, why)
+            self._killed = True
             self.host.kill()
 
     async def aclose(self) -> None:
@@ -148,6 +150,7 @@ class Attacher:
         if self.host is not None and not self._host_gone.is_set():
             return self.host
         self._host_gone = trio.Event()
+        self._killed = False
         if self._forked is not None:
             self.host, self._forked = self._forked, None
         else:

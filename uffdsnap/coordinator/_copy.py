@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -89,13 +89,15 @@ class CopyScan:
 
 async def copy_all(core: SnapCore, writer: ImageWriter, fd: int, size: int, page_size: int,
                    window: int, failed: trio.Event,
-                   progress: Callable[[int, int], None] | None, delay_s: float = 0.0) -> tuple[
-                       int, str]:
-    """Copy every window of the object through `core` into `writer`, in COPY_WORKERS threads
-    that stop at the next window once `failed` is set or we are cancelled. (The core
-    un-protects what each window claims, through its one batcher.) Returns (bytes scanned,
-    error or "")."""
-    scan = CopyScan(copy_windows(fd, size, page_size, window), size)
+                   progress: Callable[[int, int], None] | None, delay_s: float = 0.0,
+                   windows: Iterator[tuple[int, int, bool]] | None = None) -> tuple[int, str]:
+    """Copy every window of the object (or only `windows`: a delta's) through `core` into
+    `writer`, in COPY_WORKERS threads that stop at the next window once `failed` is set or we
+    are cancelled. (The core un-protects what each window claims, through its one batcher.)
+    Returns (bytes scanned, error or "")."""
+    if windows is None:
+        windows = copy_windows(fd, size, page_size, window)
+    scan = CopyScan(windows, size)
     errors: list[str] = []
     token = trio.lowlevel.current_trio_token()
 
@@ -208,20 +210,28 @@ def staging_overflowed(core: SnapCore) -> bool:
 async def stream_all(core: SnapCore, job: StreamJob, fd: int, size: int, page_size: int,
                      window: int, t_unix_ns: int, failed: trio.Event,
                      progress: Callable[[int, int], None] | None,
-                     delay_s: float = 0.0) -> tuple[int, str]:
+                     delay_s: float = 0.0,
+                     windows: Iterator[tuple[int, int, bool | None]] | None = None,
+                     parent: dict[str, Any] | None = None) -> tuple[int, str]:
     """The streamed copy: HEADER, then window after window (each preceded by the pages
     writers faulted on meanwhile), then the last faulted pages. Returns (bytes scanned, error
-    or ""); the caller sends END once the snapshot is proven."""
+    or ""); the caller sends END once the snapshot is proven. A delta (`parent`, and its
+    `windows`) sends only the pages written since its parent, zeros included, and a HOLE
+    ("as in the parent") for each run between them."""
     sender = job.sender
     scanned, reported = 0, 0
     buf = bytearray(window)  # reused: a fresh one per window page-faults
+    if windows is None:
+        windows = copy_windows(fd, size, page_size, window)
     try:
-        await sender.header(size, page_size, t_unix_ns, job.object_fields)
-        for start, length, is_data in copy_windows(fd, size, page_size, window):
+        await sender.header(size, page_size, t_unix_ns, job.object_fields, parent)
+        for start, length, is_data in windows:
             if failed.is_set():
                 return scanned, ""
             await _send_faulted(core, job, size, page_size)
-            if is_data:
+            if is_data is None:  # a delta's: left to the parent
+                await sender.hole(start, length)
+            elif is_data:
                 if delay_s:  # test hook: a deliberately slow scan
                     await trio.sleep(delay_s)
                 view = memoryview(buf)[:length]

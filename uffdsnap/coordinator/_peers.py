@@ -13,6 +13,7 @@ import trio
 
 from uffdsnap.channel import Channel, PeerClosed
 from uffdsnap.native.pidfd import process_alive
+from uffdsnap.native.scm import peer_credentials
 from uffdsnap.procfs import process_running
 from uffdsnap.protocol import Message, ProtocolError, Released, Unprotect
 
@@ -46,9 +47,22 @@ class Peer:
     send_error: str = ""
     delegated: list[Tracker] = field(default_factory=list)  # our copies of its uffds
     fault_channel: int = -1  # our end of its fault channel (agents mode), during a snapshot
+    keeps_protection: bool = False  # released with keep (write tracking, see _tracking)
+    _agent_pid: int = 0
 
     def __post_init__(self) -> None:
         self.pids = {self.pid}
+
+    @property
+    def agent_pid(self) -> int:
+        """The agent's own process (SO_PEERCRED; an agent host for attach agents), which the
+        deadline watch looks at: 0 if unknown."""
+        if not self._agent_pid:
+            try:
+                self._agent_pid = peer_credentials(self.chan.sock)[0]
+            except OSError:
+                return 0
+        return self._agent_pid
 
     def any_alive(self) -> bool:
         return process_alive(self.pidfd) or any(process_running(p) for p in self.pids
@@ -60,8 +74,9 @@ class Peer:
                 "children": sorted(p for p in self.pids if p != self.pid)}
 
     def can_unprotect(self) -> bool:
-        """Whether an `unprotect` may go to it now (it is protected, or releasing)."""
-        return self.chan.conn.state.value in ("active", "releasing")
+        """Whether an `unprotect` may go to it now (it is protected, or releasing, or kept its
+        protection at the last release: write tracking)."""
+        return self.keeps_protection or self.chan.conn.state.value in ("active", "releasing")
 
     def post_nowait(self, msg: Message, fds: list[int] | None = None) -> bool:
         """Queue `msg` (with `fds`, which the outbox now owns); False if the outbox is full

@@ -235,6 +235,36 @@ class SnapshotPolicy:
         self.fail(f"agents for pids {self.unprotected()} did not protect within "
                   f"{timeout_s:g} s")
 
+    # ---- bounded waits: the fault deadline ---------------------------------------------
+
+    def oldest_held(self) -> HeldFault | None:
+        """The fault held longest on the main connection (None: none held)."""
+        return min(self.held, key=lambda h: h.seen_ns, default=None)
+
+    def writer_overdue(self, who: str, waited_s: float, deadline_s: float,
+                       answerer: str) -> str:
+        """Why the snapshot fails when a writer of a tracked process (`who`) has waited
+        `waited_s` on a write fault, past the fault deadline: before T the protect phase kept
+        it (the agents not protected yet are named), after T `answerer` stopped answering.
+        (The caller fails the snapshot with it; its release wakes the writer.)"""
+        if self.phase == Phase.PROTECTING and self.unprotected():
+            return (f"agents for pids {self.unprotected()} did not protect within "
+                    f"{deadline_s:g} s, the fault deadline, while {who} waited on a held "
+                    "write fault")
+        if self.phase == Phase.PROTECTING:
+            return (f"T was not reached within the fault deadline ({deadline_s:g} s) while "
+                    f"{who} waited on a held write fault")
+        return (f"{who} waited {waited_s:.1f} s on a write fault, past the fault deadline "
+                f"({deadline_s:g} s): {answerer} stopped answering")
+
+    @staticmethod
+    def agent_stopped(agent: str, stopped_s: float, deadline_s: float) -> str:
+        """Why the snapshot fails when an agent's process has been stopped (SIGSTOP, a tracer)
+        past the fault deadline: it can answer nothing (protect, faults, release) until someone
+        continues it, so the snapshot does not wait for it."""
+        return (f"{agent} has been stopped for {stopped_s:.1f} s (SIGSTOP or a tracer), past "
+                f"the fault deadline ({deadline_s:g} s): it cannot answer")
+
     # ---- faults ---------------------------------------------------------------------------
 
     def fault(self, key: Key, offset: int, seen_ns: int, already_saved: bool) -> FaultAction:

@@ -29,8 +29,9 @@ def summary(*, mode: str, obj: SharedObject, timeline: Timeline, core: CoreStats
             processes: list[dict[str, Any]], gone: list[dict[str, Any]],
             agent_hists: list[tuple[tuple[tuple[int, int], ...], int]], faults: int,
             duplicate_faults: int, held_wait_max_ns: int, fault_channels: int,
-            bytes_scanned: int) -> dict[str, Any]:
-    """The run's result as one flat-ish dict (JSON-ready)."""
+            bytes_scanned: int, escapes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's result as one flat-ish dict (JSON-ready). `escapes`: the escape audit's
+    report (coordinator/_escapes.py), kept in the manifest's stats too."""
     hist = LatencyHistogram()
     hist.merge(core.service_buckets, core.service_max_ns)
     for buckets, max_ns in agent_hists:
@@ -59,6 +60,7 @@ def summary(*, mode: str, obj: SharedObject, timeline: Timeline, core: CoreStats
         "copy_ns": t.copied - t.t_mono,
         "copy_throughput_bytes_per_s": math.floor(bytes_scanned / copy_s),
         "duration_ns": monotonic_ns() - t.start,
+        "escapes": escapes if escapes is not None else {"audited": False},
     }
 
 

@@ -16,9 +16,14 @@ import trio
 
 from uffdsnap.coordinator import _report
 from uffdsnap.coordinator._copy import StreamJob, copy_all, stream_all
+from uffdsnap.coordinator._delta import TrackedRun, is_hole
 from uffdsnap.coordinator._native import CoreLink
 from uffdsnap.coordinator._peers import Peer
 from uffdsnap.coordinator._policy import BeforeT, FaultAction, Member, SnapshotPolicy
+from uffdsnap.coordinator._tracking import Plan
+from uffdsnap.coordinator._verdict import final_facts, verdict
+from uffdsnap.coordinator._watch import watch as watch_deadline
+from uffdsnap.coordinator._watch import watched_release
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.image import ImageWriter
 from uffdsnap.native.core import SnapCore
@@ -56,7 +61,11 @@ class Run:
         self.held_wait_max_ns = 0
         self.bytes_scanned = 0
         self.paused_in: set[str] = set()
-        self._existed: set[int] = set()  # every pid when the copy ended
+        self.existed: set[int] = set()  # every pid when the copy ended
+        self.tracked: TrackedRun | None = None  # write tracking (see _delta): None when off
+
+    def track(self, plan: Plan, incremental: bool) -> None:
+        self.tracked = TrackedRun(plan, incremental, self.core, self.coord.page_size)
 
     @property
     def failure(self) -> str | None:
@@ -110,14 +119,26 @@ class Run:
         if action == FaultAction.SAVE:
             self._serve(peer, msg.offset)
         elif action == FaultAction.WAKE:
+            if self.tracked is not None:
+                self.tracked.mark_written(msg.offset, self.coord.page_size)
             self.coord.wake(peer, msg.offset)
+
+    def written_before_t(self, ranges: tuple[tuple[int, int], ...]) -> bool:
+        """Pages an agent un-protected itself between snapshots: until T, this snapshot's
+        (True); after T, not (False)."""
+        if self.tracked is None or self.timeline.t_mono:
+            return False
+        self.tracked.written_before_t(ranges)
+        return True
 
     def removed(self, ranges: list[tuple[int, int]]) -> None:
         """MADV_REMOVE hit these ranges: unsaved pages that are holes now lost their content."""
         ps = self.coord.page_size
         holes = [page for off, length in ranges
                  for page in range(off // ps, min((off + length) // ps, len(self.core.saved)))
-                 if not self.core.saved[page] and _is_hole(self.coord.obj.fd, page * ps)]
+                 if not self.core.saved[page] and is_hole(self.coord.obj.fd, page * ps)]
+        if self.tracked is not None:
+            holes += self.tracked.removed(ranges, self.coord.obj.fd)
         self.policy.removed(holes[:1])
         self._note_failure()
 
@@ -148,35 +169,39 @@ class Run:
         coord, t = self.coord, self.timeline
         t.start = monotonic_ns()
         self._check_size("since the coordinator opened it")
+        self.core.set_fault_deadline(coord.fault_deadline)
         try:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_cancel_on, self.failed, scope)
                     nursery.start_soon(self.link.serve_events, self._channel_lost)
+                    nursery.start_soon(watch_deadline, self)  # no writer waits on us longer
                     if coord.attacher is not None:
                         with contextlib.suppress(ScanUnstable):  # (the look before T decides)
                             await coord.attach(coord.attachable(
                                 coord.untracked_writers(self._peer_pids())))
                     await test_pause(self, "joining")
+                    nursery.start_soon(coord.escape_audit.start, self)  # (T does not wait)
                     await self._protect()
                     t.t_mono, t.t_wall = monotonic_ns(), time.time_ns()
                     self._declare_t()
                     await test_pause(self, "copying")
                     await self._copy()
+                    await coord.escape_audit.after_copy(self)  # (--strict may fail us)
                     self._check_size("during the snapshot")
                     await test_pause(self, "finishing")
                     # who could have written during the snapshot: processes born after this
                     # (a fork chain's next one, once we released) could not
-                    self._existed = set(all_pids())
+                    self.existed = set(all_pids())
                     scope.cancel()
             if self.failure:
                 raise SnapshotFailed(self.failure)
             t.copied = monotonic_ns()
         finally:
             with trio.CancelScope(shield=True):
-                await self._release()
-                facts = self._final_facts()
-        self._verdict(*facts)
+                await watched_release(self, self._release)  # (an agent stuck at release)
+                facts = final_facts(self)
+        verdict(self, *facts)
         return _summary(self)
 
     def _check_size(self, when: str) -> None:
@@ -227,6 +252,7 @@ class Run:
                 settled = forks_settled_at is not None and trio.current_time() >= forks_settled_at
                 decision = self.policy.before_t([_name(p) for p in untracked], children,
                                                 coord.attacher is not None, settled)
+                decision = await coord.escape_audit.before_t(self, decision)  # (--strict)
                 log.debug("before T: tracked %s, untracked %s (attachable %s): %s",
                           sorted(tracked), untracked, attachable, decision.value)
                 if decision == BeforeT.DECLARE_T:
@@ -248,6 +274,10 @@ class Run:
     def _declare_t(self) -> None:
         """T. The core serves the faults it held, then every fault as it comes; ours first."""
         held = self.policy.declare_t()
+        if self.tracked is not None:
+            self.tracked.decide(self.coord.tracking,
+                                [(p, f"pid {p.pid} ({p.comm})") for p in self.policy.members],
+                                str(self.stream.sender.address) if self.stream else "")
         self.core.go()
         now = monotonic_ns()
         for fault in held:
@@ -257,16 +287,19 @@ class Run:
     async def _copy(self) -> None:
         coord = self.coord
         delay_s = float(coord.test_hooks.get("scan_delay_s", 0))
+        tracked = self.tracked
         if self.stream is not None:  # to a receiver, at the link's pace
             self.bytes_scanned, error = await stream_all(
                 self.core, self.stream, coord.obj.fd, coord.obj.size, coord.page_size,
                 coord.chunk_bytes, self.timeline.t_wall, self.failed, coord.on_progress,
-                delay_s)
+                delay_s, tracked.windows(coord.obj.size, coord.chunk_bytes, gaps=True)
+                if tracked else None, tracked.parent_field() if tracked else None)
         else:
             assert self.writer is not None
+            windows = tracked.windows(coord.obj.size, coord.chunk_bytes) if tracked else None
             self.bytes_scanned, error = await copy_all(
                 self.core, self.writer, coord.obj.fd, coord.obj.size, coord.page_size,
-                coord.chunk_bytes, self.failed, coord.on_progress, delay_s)
+                coord.chunk_bytes, self.failed, coord.on_progress, delay_s, windows)
         if error:
             self.fail(error)
 
@@ -275,9 +308,14 @@ class Run:
         self.link.stop()
         for peer in self.coord.peers:
             self.link.close_peer(peer)  # before the agents read their uffds again
+        # tracking writes: protection stays (the record of what is written next) unless the
+        # snapshot failed
+        keep = self.tracked is not None and not self.failure
+        for peer in self.coord.peers:
+            peer.keeps_protection = keep and peer in self.policy.members
         for peer in self.policy.start_release():
             if peer.chan.conn.state.value in ("protecting", "active"):
-                if not peer.post_nowait(Release(self.id)):
+                if not peer.post_nowait(Release(self.id, keep)):
                     peer.chan.close()  # closing releases the agent as surely as a message
             else:  # never protected: nothing to release, nothing to audit
                 self.policy.released(peer, ())
@@ -287,37 +325,14 @@ class Run:
                 await peer.released.wait()  # type: ignore[attr-defined]
         self.coord.stuck_agents([p for p in self.policy.members  # type: ignore[misc]
                                  if not p.released.is_set()])  # type: ignore[attr-defined]
+        if self.tracked is not None and keep and not self.failure:
+            self.tracked.kept_agents = {p for p in self.policy.members  # type: ignore[misc]
+                                        if p.release_stats is not None}  # type: ignore
 
     def released(self, peer: Peer) -> None:
         stats = peer.release_stats
         self.policy.released(peer, stats.escapes if stats else ())
         peer.released.set()
-
-    def _final_facts(self) -> tuple[dict[Peer, bool], list[str]]:
-        """What the verdict needs from the world once everyone has released: whose processes
-        still live, and which writable mappers have no agent."""
-        coord = self.coord
-        alive = {p: p.any_alive() for p in self.policy.members}  # type: ignore[attr-defined]
-        skip = coord.test_hooks.get("no_protect") or coord.test_hooks.get("ignore_late_mappers")
-        try:
-            untracked = [] if skip else [
-                _name(p) for p in coord.untracked_writers(self.policy.tracked_pids())
-                if p in self._existed]
-        except ScanUnstable as e:
-            self.policy.fail(str(e))
-            untracked = []
-        return alive, untracked
-
-    def _verdict(self, alive: dict[Peer, bool], untracked: list[str]) -> None:
-        for peer, lives in alive.items():
-            if not lives:  # exited during the snapshot, before its agent could say so
-                self.policy.gone(peer, "process exited")
-        if self.coord.test_hooks.get("no_protect"):
-            for member in self.policy.members.values():
-                member.reported, member.escapes = True, ()
-        failure = self.policy.verdict(alive, untracked)  # type: ignore[arg-type]
-        if failure:
-            raise SnapshotFailed(failure)
 
     def _channel_lost(self, peer: Peer) -> None:
         """A fault channel ended: fine if the agent's processes are gone, otherwise its writers
@@ -335,13 +350,6 @@ def _name(pid: int) -> str:
     return f"{pid} ({process_comm(pid)})"
 
 
-def _is_hole(fd: int, offset: int) -> bool:
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) != offset
-    except OSError:
-        return True  # ENXIO: no data at or after offset
-
-
 def _summary(run: Run) -> dict[str, Any]:
     members = list(run.policy.members)
 
@@ -351,7 +359,7 @@ def _summary(run: Run) -> dict[str, Any]:
         return {**peer.describe(), "children": sorted(member.children_seen),
                 "children_unnamed": stats.unnamed_children if stats else 0}
 
-    return _report.summary(
+    out = _report.summary(
         mode="delegated" if run.coord.delegate else "agents", obj=run.coord.obj,
         timeline=run.timeline, core=run.core.stats(),
         processes=[described(p, run.policy.members[p]) for p in members],  # type: ignore
@@ -360,7 +368,12 @@ def _summary(run: Run) -> dict[str, Any]:
                      for p in members if p.release_stats],  # type: ignore[attr-defined]
         faults=run.policy.faults, duplicate_faults=run.policy.duplicate_faults,
         held_wait_max_ns=run.held_wait_max_ns, fault_channels=run.link.fault_channels,
-        bytes_scanned=run.bytes_scanned)
+        bytes_scanned=run.bytes_scanned, escapes=run.coord.escape_audit.report(run.id))
+    tracked = run.tracked
+    out["image_kind"] = "delta" if tracked is not None and tracked.plan.delta else "full"
+    if tracked is not None:
+        out["incremental"] = tracked.summary()
+    return out
 
 
 async def test_pause(run: Run, phase: str) -> None:

@@ -4,6 +4,7 @@ their messages into events for the running snapshot (_run.py), and serves client
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -13,38 +14,36 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.channel import Channel, PeerClosed
+from uffdsnap.coordinator._accept import MAX_CONNECTIONS, Doorman
+from uffdsnap.coordinator._agents import agent_messages
 from uffdsnap.coordinator._attach import Attacher, ForkedHost
 from uffdsnap.coordinator._copy import CHUNK_BYTES, StreamJob
-from uffdsnap.coordinator._native import Idents, check_lent_fd
-from uffdsnap.coordinator._peers import OUTBOX_DEPTH, Peer, send_loop
-from uffdsnap.coordinator._report import flat, manifest_fields
+from uffdsnap.coordinator._escapes import EscapeAuditor
+from uffdsnap.coordinator._native import Idents
+from uffdsnap.coordinator._peers import OUTBOX_DEPTH, Peer, close_all, send_loop
+from uffdsnap.coordinator._publish import snapshot_to_file, snapshot_to_receiver
+from uffdsnap.coordinator._report import flat
 from uffdsnap.coordinator._run import Run
-from uffdsnap.coordinator._streamed import snapshot_streamed
-from uffdsnap.coordinator._trust import Credentials, agent_refusal, client_refusal
+from uffdsnap.coordinator._tracking import WriteTracking
+from uffdsnap.coordinator._trust import Credentials, PidView, admit_agent, client_refusal
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.groups import unwrap_group
-from uffdsnap.image import ImageWriter, UnnamedImageWriter
+from uffdsnap.image import ImageWriter
 from uffdsnap.native import core as native_core
 from uffdsnap.native.core import SnapCore
 from uffdsnap.native.pidfd import pidfd_open
 from uffdsnap.native.scm import peer_credentials
 from uffdsnap.procfs import SharedObject, find_mappers, mappings_of, registered_mapper
 from uffdsnap.protocol import (
+    MAX_TEXT,
     PROTOCOL_VERSION,
     Abort,
-    Delegate,
-    Fault,
-    FaultChannel,
-    Gone,
     Hello,
-    Protected,
     ProtocolError,
-    Released,
-    Removed,
     Result,
     Role,
     Snap,
-    Tracked,
+    State,
     Unprotect,
     Welcome,
 )
@@ -64,16 +63,23 @@ class Coordinator:
                  chunk_bytes: int = CHUNK_BYTES,
                  on_progress: Callable[[int, int], None] | None = None,
                  test_hooks: testhooks.Hooks | None = None,
-                 agent_host: ForkedHost | None = None, clients_gid: int | None = None):
+                 agent_host: ForkedHost | None = None, clients_gid: int | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 fault_deadline: float = native_core.FAULT_DEADLINE_MS / 1000,
+                 strict: bool = False):
         native_core.load()  # the native data path, or fail now (one line)
         self.obj = obj
         self.page_size = obj.page_size
         self.protect_timeout = protect_timeout
+        self.fault_deadline = fault_deadline  # the longest a writer may wait on us (_watch.py)
+        # before T, look for writes that would escape tracking; `strict`: refuse if found
+        self.escape_audit = EscapeAuditor(strict)
         # how long attach agents get to join (injection is slower than protecting)
         self.join_timeout = protect_timeout if join_timeout is None else join_timeout
         self.chunk_bytes = max(chunk_bytes - chunk_bytes % obj.page_size, obj.page_size)
         self.on_progress = on_progress
         self.clients_gid = clients_gid  # besides our own user and root, who may be a client
+        self.doorman = Doorman(max_connections)  # how many connections, and who gets in
         # Test hooks (uffdsnap/testhooks.py): never set in normal use.
         self.test_hooks: testhooks.Hooks = test_hooks or {}
         # With attach_path (this coordinator's own socket), every writable mapper without an
@@ -88,6 +94,9 @@ class Coordinator:
         self.run: Run | None = None
         self.idents = Idents()
         self._snapshot_lock = trio.Lock()
+        # incremental snapshots: what was written since the last image we published
+        self.tracking = WriteTracking(-(-obj.size // obj.page_size), obj.page_size)
+        self.last_run: Run | None = None
         self._next_id = 1
         self._nursery: trio.Nursery | None = None
 
@@ -95,74 +104,97 @@ class Coordinator:
 
     async def serve(self, listener: trio.socket.SocketType,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept agents and clients on a listening Unix socket until cancelled."""
+        """Accept agents and clients on a listening Unix socket until cancelled. Running out of
+        descriptors pauses accepting, never ends it; past max_connections, peers other than
+        root and our own user are refused with the reason."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            while True:
-                sock, _ = await listener.accept()
-                nursery.start_soon(self._serve_connection, Channel(sock, Role.COORDINATOR))
+            await self.doorman.accept_all(listener, nursery, self._serve_connection)
 
     async def _serve_connection(self, chan: Channel) -> None:
-        """One peer, start to end. Whatever goes wrong here ends this connection only."""
+        """One peer, start to end. Whatever goes wrong here ends this connection only; a client
+        whose request failed unexpectedly gets a failed result first."""
         try:
             with unwrap_group():
                 with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                     hello, _fds = await chan.receive()
                 assert isinstance(hello, Hello)  # the state machine admits nothing else first
-                refusal = self._refusal(chan, hello)
-                if refusal is not None:
-                    log.warning("refused a connection: %s", refusal)
+                admitted = self._admission(chan, hello)
+                if isinstance(admitted, str):
+                    log.warning("refused a connection: %s", admitted)
                     with trio.move_on_after(1):
-                        await chan.send(Abort(f"refused: {refusal}"))
+                        await chan.send(Abort(f"refused: {admitted}"))
                     return
                 if hello.role == Role.CLIENT.value:
                     await chan.send(self._welcome())
                     await self._serve_client(chan)
                 else:
-                    await self._serve_agent(chan, hello)
+                    await self._serve_agent(chan, *admitted)
         except (PeerClosed, trio.TooSlowError, OSError):
             pass
         except ProtocolError as e:
-            with trio.move_on_after(1):
-                try:
-                    await chan.send(Abort(f"protocol error: {e}"))
-                except (PeerClosed, ProtocolError, OSError):
-                    pass
+            await _goodbye(chan, f"protocol error: {e}")
         except Exception as e:  # a bug must not take every other peer down with it
             log.error("connection dropped after an unexpected error: %s: %s",
                       type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            await _goodbye(chan, f"the coordinator failed: {type(e).__name__}: {e}")
         finally:
             chan.close()
+            self.doorman.ended()
 
-    def _refusal(self, chan: Channel, hello: Hello) -> str | None:
-        """Why this peer may not have the role it asks for (None: it may); see _trust."""
+    def _admission(self, chan: Channel, hello: Hello) -> str | tuple[Hello, PidView]:
+        """Why this peer may not have the role it asks for; else its hello, naming the agent's
+        process by our pid (it names it in its own PID namespace), and how it names pids; see
+        _trust."""
         pid, uid, gid = peer_credentials(chan.sock)
         peer = Credentials(pid, uid, gid)
         if hello.role == Role.CLIENT.value:
-            return client_refusal(peer, os.geteuid(), self.clients_gid)
-        return agent_refusal(peer, os.geteuid(), hello.pid)
+            refusal = client_refusal(peer, os.geteuid(), self.clients_gid)
+            return refusal if refusal is not None else (hello, PidView(pid, 0, (0, 0)))  # unused
+        admitted = admit_agent(peer, os.geteuid(), hello.pid)
+        if isinstance(admitted, str):
+            return admitted
+        target, view = admitted
+        return dataclasses.replace(hello, pid=target), view
 
     def _welcome(self) -> Welcome:
         oid = self.obj.object_id
         return Welcome(PROTOCOL_VERSION, self.obj.size, self.page_size, oid.major, oid.minor,
-                       oid.inode, self.delegate)
+                       oid.inode, self.delegate, round(self.fault_deadline * 1000))
 
     async def _serve_client(self, chan: Channel) -> None:
         while True:
-            msg, _fds = await chan.receive()
+            msg, fds = await chan.receive()
             if isinstance(msg, Snap):
                 try:
-                    summary = await self.snapshot(msg.output, overwrite=msg.overwrite,
-                                                  stream=stream_options(msg))
+                    summary = await self._request(chan, msg, fds)
                 except (SnapshotFailed, UserError, OSError) as e:
-                    await chan.send(Result(False, str(e) or type(e).__name__, {}))
+                    await chan.send(Result(False, _one_line(str(e) or type(e).__name__), {}))
                 else:
                     await chan.send(Result(True, "", flat(summary)))
             elif isinstance(msg, Abort):
                 return
 
-    async def _serve_agent(self, chan: Channel, hello: Hello) -> None:
+    async def _request(self, chan: Channel, msg: Snap, fds: list[int]) -> dict[str, Any]:
+        """A client's `snap`. An image goes into the files the client passed (created with its
+        rights); only root and our own user may have us create it by name instead."""
+        stream = stream_options(msg)
+        if stream is not None or msg.files:
+            if stream is not None and fds:
+                close_all(fds)
+                raise UserError("a streamed snapshot takes no files")
+            return await self.snapshot(msg.output, overwrite=msg.overwrite, stream=stream,
+                                       incremental=msg.incremental,
+                                       files=(fds[0], fds[1]) if fds else None)
+        if peer_credentials(chan.sock)[1] not in (0, os.geteuid()):
+            raise UserError("this coordinator writes images only into files its client "
+                            "created (pass them with `snap`, files=true: `uffdsnap snapshot "
+                            "--coordinator` does)")
+        return await self.snapshot(msg.output, overwrite=msg.overwrite,
+                                   incremental=msg.incremental)
+
+    async def _serve_agent(self, chan: Channel, hello: Hello, view: PidView) -> None:
         try:
             pidfd = pidfd_open(hello.pid)
         except OSError as e:
@@ -173,7 +205,7 @@ class Coordinator:
         # Join before the welcome goes out: an enlisting workload carries on as soon as its
         # agent is welcomed, and a snapshot started then must already count it as tracked.
         self.peers.append(peer)
-        self._changed()
+        self.changed()
         if self.run is not None:
             self.run.joined(peer)
         why = ""
@@ -182,7 +214,7 @@ class Coordinator:
             with unwrap_group():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(send_loop, peer, outbox_recv, nursery.cancel_scope)
-                    await self._agent_messages(peer)
+                    await agent_messages(self, peer, view)
                     nursery.cancel_scope.cancel()
         except (PeerClosed, ProtocolError, OSError) as e:
             why = f"agent for pid {peer.pid} ({peer.comm}) lost: {e}"
@@ -194,7 +226,9 @@ class Coordinator:
             if not why and peer.send_error:
                 why = f"agent for pid {peer.pid} ({peer.comm}) lost: {peer.send_error}"
             self.peers.remove(peer)
-            self._changed()
+            self.changed()
+            self.tracking.agent_left(peer, f"pid {peer.pid} ({peer.comm})",
+                                     bool(why) and peer.any_alive())
             if self.run is not None:  # on every way out, cancellation included
                 self.run.lost(peer, why)
                 self.run.link.close_peer(peer)
@@ -202,57 +236,7 @@ class Coordinator:
                 tracker.close()
             os.close(pidfd)
 
-    async def _agent_messages(self, peer: Peer) -> None:
-        while True:
-            msg, fds = await peer.chan.receive()
-            run = self.run
-            if isinstance(msg, Fault):
-                if run is not None:
-                    run.fault(peer, msg)
-                else:
-                    self.wake(peer, msg.offset)  # stale: answered, never saved
-            elif isinstance(msg, Protected):
-                peer.mappings, peer.protect_ns = msg.mappings, msg.protect_ns
-                if run is not None:
-                    run.protected(peer, msg.snapshot)
-            elif isinstance(msg, Released):
-                peer.release_stats = msg
-                if run is not None:
-                    run.released(peer)
-                peer.released.set()
-            elif isinstance(msg, Delegate | FaultChannel):
-                self._lend(peer, msg, fds[0])
-            elif isinstance(msg, Tracked):
-                log.debug("agent for pid %d tracks %s", peer.pid, list(msg.pids))
-                peer.pids = set(msg.pids)
-                if run is not None:
-                    run.policy.tracked(peer, msg.pids)
-                    run.changed_now()
-                self._changed()
-            elif isinstance(msg, Removed):
-                if run is not None:
-                    run.removed(list(msg.ranges))
-            elif isinstance(msg, Gone):
-                if run is not None:
-                    run.gone(peer, msg.reason)
-                return
-            elif isinstance(msg, Abort):
-                raise PeerClosed(f"agent aborted: {msg.reason}")
-
-    def _lend(self, peer: Peer, msg: Delegate | FaultChannel, fd: int) -> None:
-        """A uffd (delegated mode) or a fault channel (agents mode) for the running snapshot's
-        native core; with no snapshot running (or another one), nothing to serve: closed."""
-        check_lent_fd(msg, fd)  # the right kind of fd, or the connection ends
-        run = self.run
-        if run is None or (isinstance(msg, FaultChannel) and msg.snapshot != run.id):
-            os.close(fd)
-            return
-        if isinstance(msg, Delegate):
-            run.link.take_delegate(peer, msg, fd)
-        else:
-            run.link.take_channel(peer, fd)
-
-    def _changed(self) -> None:
+    def changed(self) -> None:
         self.peers_changed.set()
         self.peers_changed = trio.Event()
 
@@ -306,38 +290,34 @@ class Coordinator:
     # ---- the snapshot ----------------------------------------------------------------------
 
     async def snapshot(self, output: str, *, overwrite: bool = False,
-                       stream: StreamOptions | None = None) -> dict[str, Any]:
+                       stream: StreamOptions | None = None, incremental: bool = False,
+                       files: tuple[int, int] | None = None) -> dict[str, Any]:
         """Take one snapshot into `output`, or streamed to a receiver (`stream`: then
-        `output` is ignored); return its summary or raise SnapshotFailed."""
+        `output` is ignored); return its summary or raise SnapshotFailed. `incremental`: a
+        delta of what was written since the last image we published, if we can prove we saw
+        every write (the first such request starts write tracking; see _tracking). `files`:
+        an unnamed image file and manifest file (which this call now owns) to fill instead of
+        publishing `output` ourselves: the caller names them."""
         async with self._snapshot_lock:
+            if incremental:
+                self.tracking.start()
+            self.last_run = None
             if stream is not None:
-                return await snapshot_streamed(self, stream)
-            # unnamed until published: a coordinator killed mid-copy leaves no temporary behind
-            writer = UnnamedImageWriter(output, self.obj.size, self.page_size,
-                                        overwrite=overwrite)
-            try:
-                core = SnapCore(self.obj.fd, writer.fd, self.obj.size, self.page_size)
-            except BaseException:
-                writer.abort()
-                raise
-            try:
-                summary = await self.take(core, writer=writer)
-                writer.publish(manifest_fields(self.obj, summary))
-                return summary
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                core.close()
+                return await snapshot_to_receiver(self, stream, incremental)
+            return await snapshot_to_file(self, output, overwrite, incremental, files)
 
     async def take(self, core: SnapCore, *, writer: ImageWriter | None = None,
-                   stream: StreamJob | None = None) -> dict[str, Any]:
+                   stream: StreamJob | None = None,
+                   incremental: bool = False) -> dict[str, Any]:
         """One run over `core`, saving into `writer` or streamed (`stream`); under the
         snapshot lock."""
         if self.test_hooks.get("unprotect_before_save"):  # wrong on purpose
             core.set_test_flags(native_core.TEST_UNPROTECT_BEFORE_SAVE)
         run = Run(self, self._next_id, writer, core, stream)
         self._next_id += 1
+        self.last_run = run
+        if self.tracking.active:
+            run.track(self.tracking.begin(), incremental)
         for peer in self.peers:
             run.joined(peer)
         self.run = run
@@ -347,6 +327,23 @@ class Coordinator:
         finally:
             self.run = None
 
+
+
+async def _goodbye(chan: Channel, why: str) -> None:
+    """Say why the connection ends, if the peer still listens (bounded; errors ignored): a
+    client waiting for its request's answer gets a failed result, anyone else an abort."""
+    why = _one_line(why)
+    msg = Result(False, why) if chan.conn.state == State.REQUESTED else Abort(why)
+    with trio.move_on_after(1):
+        try:
+            await chan.send(msg)
+        except (PeerClosed, ProtocolError, OSError):
+            pass
+
+
+def _one_line(text: str) -> str:
+    """`text` as a reason the protocol carries: one line, within its length limit."""
+    return " ".join(text.split())[:MAX_TEXT]
 
 
 def stream_options(msg: Snap) -> StreamOptions | None:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from uffdsnap.coordinator._server import Coordinator
 
 
-async def snapshot_streamed(coord: Coordinator, options: StreamOptions) -> dict[str, Any]:
+async def snapshot_streamed(coord: Coordinator, options: StreamOptions,
+                            incremental: bool = False) -> dict[str, Any]:
     """One snapshot of coord's object as a stream to `options.to`; its summary (with a
     `stream` part) once the receiver has published it, or SnapshotFailed/UserError."""
     obj, ps = coord.obj, coord.page_size
@@ -40,7 +41,7 @@ async def snapshot_streamed(coord: Coordinator, options: StreamOptions) -> dict[
     try:
         core = SnapCore(obj.fd, fd, obj.size, ps)
         core.set_fault_saved_limit(job.fault_limit(ps))
-        summary = await coord.take(core, stream=job)
+        summary = await coord.take(core, stream=job, incremental=incremental)
         fields = manifest_fields(obj, summary)
         await sender.finish({"processes": fields["processes"], "stats": fields["stats"]})
     except BaseException as e:

@@ -11,6 +11,7 @@ The public API is re-exported here flat; the implementation is private:
   _facts     reading /proc and /sys: capabilities, sysctls, huge page pools, container signs
   _probes    live probes: uffd creation routes, the cross-process write-protect round trip,
              pidfd_getfd, hugetlb memfd, the native core
+  _escapes   the escape audit of one object (`doctor --shm`), as checks
   _diagnose  diagnose(), which runs them all
 The human table is drawn by the CLI command (uffdsnap/cli/commands/doctor.py).
 """
@@ -30,6 +31,7 @@ from uffdsnap.doctor._checks import (
     check_unprivileged_targets,
 )
 from uffdsnap.doctor._diagnose import diagnose
+from uffdsnap.doctor._escapes import check_escapes, escape_checks
 from uffdsnap.doctor._facts import (
     CAP_SYS_PTRACE,
     HUGEPAGES_SYSFS,
@@ -70,6 +72,7 @@ __all__ = [
     "Diagnosis",
     "ProbeFailed",
     "Route",
+    "check_escapes",
     "check_features",
     "check_hugetlb",
     "check_native_core",
@@ -78,6 +81,7 @@ __all__ = [
     "container_facts",
     "diagnose",
     "effective_caps",
+    "escape_checks",
     "has_cap",
     "hugetlb_facts",
     "probe_child",

@@ -13,6 +13,7 @@ from uffdsnap.doctor._checks import (
     check_ptrace,
     check_unprivileged_targets,
 )
+from uffdsnap.doctor._escapes import check_escapes
 from uffdsnap.doctor._facts import (
     CAP_SYS_PTRACE,
     UNPRIVILEGED_SYSCTL,
@@ -32,13 +33,15 @@ from uffdsnap.doctor._probes import (
 )
 from uffdsnap.native import uffd as uf
 from uffdsnap.native.libc import KernelError
+from uffdsnap.procfs import SharedObject
 
 _CONTAINER_FIX = ("in a container: run it with --cap-add SYS_PTRACE (and a seccomp profile that "
                   "allows userfaultfd), or pass --device /dev/userfaultfd")
 
 
-def diagnose(timeout: float = 10.0) -> Diagnosis:
-    """Run every check. `timeout` bounds each wait on a probe child."""
+def diagnose(timeout: float = 10.0, shm: SharedObject | None = None) -> Diagnosis:
+    """Run every check. `timeout` bounds each wait on a probe child; `shm`: also audit that
+    object for escapes (who could write to it untracked)."""
     status = proc_status()
     uname = os.uname()
     routes = {"syscall": probe_syscall_route(status), "device": probe_device_route(status)}
@@ -87,5 +90,8 @@ def diagnose(timeout: float = 10.0) -> Diagnosis:
         "feature_mask": None if mask is None else f"{mask:#x}",
         "uid": os.geteuid(),
     }
+    if shm is not None:
+        audit_checks, facts["escapes"] = check_escapes(shm)
+        checks += audit_checks
     return Diagnosis(uname.release, uname.machine, uf.feature_names(mask or 0), routes, checks,
                      facts)

@@ -10,12 +10,17 @@ The public API is re-exported here flat; the implementation is private:
            extent checksums, and the rules every producer of an image checks as it goes
   _files   file I/O shared by writer and readers: bounded reads, sparse writes, atomic names
   _writer  ImageWriter: fill from many threads, publish atomically, or abort
-  _reader  verify, restore, info
+  _chain   chains: a delta names its parent, down to a full image; finding and checking them
+  _reader  verify, restore, info (each follows the chain)
+  _compact compact: a chain's state as one full image
 """
 
+from uffdsnap.image._chain import MAX_CHAIN_LINKS, Link, load_chain
+from uffdsnap.image._compact import CompactReport, compact
 from uffdsnap.image._files import IO_PIECE, ZERO_BLOCK, check_replaceable
 from uffdsnap.image._format import (
     CHECKSUM_ALGO,
+    DELTA_FORMAT_VERSION,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_SUFFIX,
@@ -31,11 +36,15 @@ from uffdsnap.image._format import (
     ImageError,
     Manifest,
     ObjectInfo,
+    ParentRef,
     extent_checksum,
     iso8601_utc,
     load_manifest,
+    load_manifest_hashed,
     manifest_path,
+    manifest_sha256,
 )
+from uffdsnap.image._passed import PassedImageWriter, open_unnamed, publish_unnamed
 from uffdsnap.image._reader import (
     MAX_BAD_LISTED,
     RestoreReport,
@@ -50,13 +59,18 @@ from uffdsnap.image._writer import COALESCE_LIMIT, ImageWriter
 __all__ = [
     "CHECKSUM_ALGO",
     "COALESCE_LIMIT",
+    "DELTA_FORMAT_VERSION",
     "FORMAT",
     "FORMAT_VERSION",
     "IO_PIECE",
     "UnnamedImageWriter",
+    "PassedImageWriter",
+    "open_unnamed",
+    "publish_unnamed",
     "check_replaceable",
     "MANIFEST_SUFFIX",
     "MAX_BAD_LISTED",
+    "MAX_CHAIN_LINKS",
     "MAX_MANIFEST_BYTES",
     "MAX_OFFSET",
     "MAX_PAGE_SIZE",
@@ -64,20 +78,27 @@ __all__ = [
     "MAX_UNIX_NS",
     "MIN_PAGE_SIZE",
     "ZERO_BLOCK",
+    "CompactReport",
     "CorruptImage",
     "Extent",
     "ExtentHash",
     "ImageError",
     "ImageWriter",
+    "Link",
     "Manifest",
     "ObjectInfo",
+    "ParentRef",
     "RestoreReport",
     "VerifyReport",
+    "compact",
     "extent_checksum",
     "info",
     "iso8601_utc",
+    "load_chain",
     "load_manifest",
+    "load_manifest_hashed",
     "manifest_path",
+    "manifest_sha256",
     "restore",
     "verify",
 ]

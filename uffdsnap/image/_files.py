@@ -88,6 +88,17 @@ def nonzero_runs(buf: bytes | bytearray, start: int, end: int) -> Iterator[tuple
         yield run_start, end
 
 
+def write_nonzero(fd: int, offset: int, buf: bytes | bytearray, n: int) -> int:
+    """Write the blocks of buf[:n] that are not all zero at `offset` (the file is sparse, or
+    was emptied: zeros there are holes); returns how many bytes were written."""
+    written = 0
+    mv = memoryview(buf)
+    for a, b in nonzero_runs(buf, 0, n):
+        pwrite_all(fd, mv[a:b], offset + a)
+        written += b - a
+    return written
+
+
 def _first_nonzero(buf: bytes | bytearray, start: int, end: int) -> int | None:
     """Index of the first nonzero byte in buf[start:end], or None."""
     for a, b in nonzero_runs(buf, start, end):

@@ -10,6 +10,7 @@ I/O beyond reading the manifest itself. The fields are documented in docs/image-
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,8 @@ from uffdsnap import __version__
 from uffdsnap.errors import SnapshotFailed, UserError
 
 FORMAT = "uffdsnap-image"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a full image: bytes outside every extent are zeros
+DELTA_FORMAT_VERSION = 2  # a delta: bytes outside every extent are the parent's (see ParentRef)
 MANIFEST_SUFFIX = ".json"
 CHECKSUM_ALGO = "xxh3_64"
 
@@ -35,6 +37,7 @@ MIN_PAGE_SIZE = 4096
 MAX_PAGE_SIZE = 1 << 30
 
 _CHECKSUM_RE = re.compile(r"xxh3_64:[0-9a-f]{16}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _PRINTABLE_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f]*")  # no control characters (terminal safety)
 
 
@@ -112,6 +115,21 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class ParentRef:
+    """A delta's parent: the image it applies to, named as its producer gave it (a relative
+    path is relative to the delta's own directory), the sha256 of that image's manifest file
+    bytes, and the parent's T (earlier than the delta's)."""
+
+    image: str
+    manifest_sha256: str
+    snapshot_unix_ns: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "manifest_sha256": self.manifest_sha256,
+                "snapshot_unix_ns": self.snapshot_unix_ns}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated manifest. Build one only through `from_dict` / `load_manifest`."""
 
@@ -123,6 +141,11 @@ class Manifest:
     created_by_tool: str
     created_by_version: str
     format_version: int = FORMAT_VERSION
+    parent: ParentRef | None = None  # set exactly when format_version is DELTA_FORMAT_VERSION
+
+    @property
+    def is_delta(self) -> bool:
+        return self.parent is not None
 
     @property
     def snapshot_iso8601(self) -> str:
@@ -140,6 +163,7 @@ class Manifest:
             "object": self.object.to_dict(),
             "snapshot_time": {"unix_ns": self.snapshot_unix_ns,
                               "iso8601": self.snapshot_iso8601},
+            **({"parent": self.parent.to_dict()} if self.parent else {}),
             "processes": [dict(p) for p in self.processes],
             "stats": dict(self.stats),
             "extents": [e.to_dict() for e in self.extents],
@@ -163,15 +187,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> Manifest:
         """Validate every field of a parsed manifest; raise ImageError (one line) on any flaw."""
+        version = _version(d, where)
         top = _fields(d, where, required={"format", "format_version", "created_by", "object",
-                                          "snapshot_time", "processes", "stats", "extents"})
-        if top["format"] != FORMAT:
-            raise ImageError(f"{where}: not a uffdsnap image manifest "
-                             f"(format is {_show(top['format'])}, expected {FORMAT!r})")
-        version = top["format_version"]
-        if type(version) is not int or version != FORMAT_VERSION:
-            raise ImageError(f"{where}: unsupported format_version {_show(version)} "
-                             f"(this uffdsnap reads version {FORMAT_VERSION})")
+                                          "snapshot_time", "processes", "stats", "extents"}
+                      | ({"parent"} if version == DELTA_FORMAT_VERSION else set()))
         created = _fields(top["created_by"], f"{where}: created_by", required={"tool", "version"})
         tool = _text(created["tool"], f"{where}: created_by.tool", 64)
         tool_version = _text(created["version"], f"{where}: created_by.version", 64)
@@ -208,17 +227,72 @@ class Manifest:
         if type(stats) is not dict:
             raise ImageError(f"{where}: stats must be an object, not {_kind(stats)}")
 
+        parent = _parent(top["parent"], unix_ns, where) if "parent" in top else None
+
         raw_extents = top["extents"]
         if type(raw_extents) is not list:
             raise ImageError(f"{where}: extents must be a list, not {_kind(raw_extents)}")
         extents = _extents(raw_extents, size, page_size, where)
         return cls(object=info, snapshot_unix_ns=unix_ns, processes=processes,
                    extents=extents, stats=stats, created_by_tool=tool,
-                   created_by_version=tool_version, format_version=version)
+                   created_by_version=tool_version, format_version=version, parent=parent)
+
+
+def _version(d: Any, where: str) -> int:
+    """The manifest's format_version, once it is known to be ours and one we read; a version 1
+    manifest naming a parent is refused here (an old reader would take the delta as full)."""
+    top = _fields(d, where, required={"format", "format_version"}, extra_ok=True)
+    if top["format"] != FORMAT:
+        raise ImageError(f"{where}: not a uffdsnap image manifest "
+                         f"(format is {_show(top['format'])}, expected {FORMAT!r})")
+    version = top["format_version"]
+    if type(version) is not int or version not in (FORMAT_VERSION, DELTA_FORMAT_VERSION):
+        raise ImageError(f"{where}: unsupported format_version {_show(version)} "
+                         f"(this uffdsnap reads versions {FORMAT_VERSION} and "
+                         f"{DELTA_FORMAT_VERSION})")
+    if version == FORMAT_VERSION and "parent" in d:
+        raise ImageError(f"{where}: a format_version {FORMAT_VERSION} (full) image cannot name "
+                         f"a parent; deltas are version {DELTA_FORMAT_VERSION}")
+    return version
+
+
+def _parent(value: Any, unix_ns: int, where: str) -> ParentRef:
+    p = _fields(value, f"{where}: parent", required={"image", "manifest_sha256",
+                                                      "snapshot_unix_ns"})
+    image = _text(p["image"], f"{where}: parent.image", 4096)
+    if not image:
+        raise ImageError(f"{where}: parent.image is empty")
+    digest = p["manifest_sha256"]
+    if type(digest) is not str or not _SHA256_RE.fullmatch(digest):
+        raise ImageError(f"{where}: parent.manifest_sha256 must be 64 lowercase hex digits, "
+                         f"not {_show(digest)}")
+    t = _int(p["snapshot_unix_ns"], f"{where}: parent.snapshot_unix_ns", 0, MAX_UNIX_NS - 1)
+    if t >= unix_ns:
+        raise ImageError(f"{where}: parent.snapshot_unix_ns {t} is not earlier than this "
+                         f"image's T ({unix_ns})")
+    return ParentRef(image, digest, t)
 
 
 def load_manifest(path: str) -> Manifest:
     """Read and validate the manifest file at `path`; ImageError (one line) if it is not sound."""
+    return load_manifest_hashed(path)[0]
+
+
+def load_manifest_hashed(path: str) -> tuple[Manifest, str]:
+    """load_manifest, plus the sha256 (hex) of the very bytes it validated (what a delta's
+    parent.manifest_sha256 names)."""
+    raw = _read_manifest_bytes(path)
+    return _parse_manifest(raw, path), hashlib.sha256(raw).hexdigest()
+
+
+def manifest_sha256(image_path: str) -> str:
+    """Hex sha256 of the manifest file beside `image_path` (what a delta records of its parent);
+    ImageError (one line) if it cannot be read."""
+    return hashlib.sha256(_read_manifest_bytes(manifest_path(image_path))).hexdigest()
+
+
+def _read_manifest_bytes(path: str) -> bytes:
+    """The manifest file's bytes: a regular file, at most MAX_MANIFEST_BYTES."""
     try:
         # O_NONBLOCK: a FIFO planted as the manifest must not hang us (no effect on files)
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
@@ -233,6 +307,10 @@ def load_manifest(path: str) -> Manifest:
         raise ImageError(f"{path}: cannot read manifest: {e.strerror or e}") from None
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ImageError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing")
+    return raw
+
+
+def _parse_manifest(raw: bytes, path: str) -> Manifest:
     try:
         text = raw.decode("utf-8")
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
@@ -365,7 +443,7 @@ def _extents(raw: list[Any], size: int, page_size: int, where: str) -> tuple[Ext
 # Rules for producers: checked as they go, so publishing never writes what readers refuse
 
 
-CALLER_FIELDS = frozenset({"object", "snapshot_time", "processes", "stats"})
+CALLER_FIELDS = frozenset({"object", "snapshot_time", "processes", "stats", "parent"})
 
 
 def check_geometry(size: int, page_size: int) -> None:
@@ -411,11 +489,16 @@ def build_manifest(fields: dict[str, Any], size: int, page_size: int,
         when = fields.get("snapshot_time")
         unix_ns = when.get("unix_ns") if isinstance(when, dict) else when
         iso = iso8601_utc(unix_ns) if type(unix_ns) is int and unix_ns >= 0 else None
+        parent = fields.get("parent")
+        if isinstance(parent, ParentRef):
+            parent = parent.to_dict()
         d = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION if parent is None else DELTA_FORMAT_VERSION,
             "created_by": {"tool": "uffdsnap", "version": __version__},
             "object": obj,
             "snapshot_time": {"unix_ns": unix_ns, "iso8601": iso},
+            **({"parent": parent} if parent is not None else {}),
             "processes": [dict(p) for p in fields.get("processes", [])],
             "stats": dict(fields.get("stats", {})),
             "extents": [e.to_dict() for e in extents],

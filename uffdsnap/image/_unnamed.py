@@ -53,17 +53,22 @@ class UnnamedImageWriter(ImageWriter):
         return super().publish(manifest_fields)
 
     def _give_name(self) -> str:
-        """Link the unnamed image into its directory under a fresh temporary name."""
-        directory, name = os.path.split(os.path.abspath(self.path))
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for _ in range(16):
-                tmp = f".{name}.{secrets.token_hex(4)}.tmp"
-                try:  # a dir fd makes this linkat(AT_SYMLINK_FOLLOW), not link() of the symlink
-                    os.link(f"{_PROC_FD}/{self.fd}", tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
-                    return os.path.join(directory, tmp)
-                except FileExistsError:
-                    continue
-        finally:
-            os.close(dir_fd)
-        raise OSError(f"{self.path}: could not find a free temporary name in {directory}")
+        return name_unnamed(self.fd, self.path)
+
+
+def name_unnamed(fd: int, path: str) -> str:
+    """Link the unnamed file `fd` into the directory of `path` under a fresh temporary name
+    (`.NAME.<random>.tmp`); return that name."""
+    directory, name = os.path.split(os.path.abspath(path))
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for _ in range(16):
+            tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+            try:  # a dir fd makes this linkat(AT_SYMLINK_FOLLOW), not link() of the symlink
+                os.link(f"{_PROC_FD}/{fd}", tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
+                return os.path.join(directory, tmp)
+            except FileExistsError:
+                continue
+    finally:
+        os.close(dir_fd)
+    raise OSError(f"{path}: could not find a free temporary name in {directory}")

@@ -8,6 +8,7 @@ only the caller knows. The manifest's rules come from the format module.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from types import TracebackType
@@ -121,35 +122,17 @@ class ImageWriter:
           snapshot_time: T in Unix nanoseconds (int, or {"unix_ns": int})
           processes: list of {pid, comm, mode, mappings, ...}   (optional, default [])
           stats: dict of JSON values                             (optional, default {})
+          parent: {image, manifest_sha256, snapshot_unix_ns} or a ParentRef (optional):
+                  makes this a delta (format_version 2) of that image, whose manifest
+                  hashes to manifest_sha256 (image.manifest_sha256); bytes outside every
+                  extent then mean "as in the parent", so record zero ranges saved too
         Raises SnapshotFailed if the image does not hold what was recorded (a page saved twice
         with different contents, or data outside every extent); nothing is published then.
         """
-        with self._lock:
-            if self._state != "open":
-                raise ValueError(f"image writer is {self._state}")
-            self._state = "publishing"
-            raw = sorted(self._extents)
+        raw = self._begin_publishing()
         try:
-            manifest = self._build_manifest(manifest_fields, self._normalize(raw))
-            text = encode_manifest(manifest)
-            os.fsync(self.fd)
-            self._manifest_tmp, mfd = create_temp(manifest_path(self.path))
-            try:
-                pwrite_all(mfd, memoryview(text), 0)
-                os.fsync(mfd)
-            finally:
-                os.close(mfd)
-            final_manifest = manifest_path(self.path)
-            place(self._manifest_tmp, final_manifest, self.overwrite)
-            self._manifest_tmp = None
-            try:
-                assert self._tmp is not None
-                place(self._tmp, self.path, self.overwrite)
-            except BaseException:
-                unlink_quiet(final_manifest)  # it describes an image that never appeared
-                raise
-            self._tmp = None
-            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            manifest, text = self._finish(manifest_fields, raw)
+            self._place(text)
         except BaseException:
             with self._lock:
                 self._state = "open"
@@ -157,8 +140,49 @@ class ImageWriter:
             raise
         with self._lock:
             self._state = "published"
-        os.close(self.fd)
+        self._close()
         return manifest
+
+    def _place(self, text: bytes) -> None:
+        """Write the manifest `text`, then give manifest and image their final names."""
+        self._manifest_tmp, mfd = create_temp(manifest_path(self.path))
+        try:
+            pwrite_all(mfd, memoryview(text), 0)
+            os.fsync(mfd)
+        finally:
+            os.close(mfd)
+        final_manifest = manifest_path(self.path)
+        place(self._manifest_tmp, final_manifest, self.overwrite)
+        self._manifest_tmp = None
+        try:
+            assert self._tmp is not None
+            place(self._tmp, self.path, self.overwrite)
+        except BaseException:
+            unlink_quiet(final_manifest)  # it describes an image that never appeared
+            raise
+        self._tmp = None
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def _close(self) -> None:
+        os.close(self.fd)
+
+    def _begin_publishing(self) -> list[tuple[int, int, str]]:
+        """From now on no more writes: the extents recorded."""
+        with self._lock:
+            if self._state != "open":
+                raise ValueError(f"image writer is {self._state}")
+            self._state = "publishing"
+            return sorted(self._extents)
+
+    def _finish(self, manifest_fields: dict[str, Any],
+                raw: list[tuple[int, int, str]]) -> tuple[Manifest, bytes]:
+        """Publishing's first half: the manifest (and its file's bytes, whose sha256 is kept
+        in `manifest_sha256`) over a durable image."""
+        manifest = self._build_manifest(manifest_fields, self._normalize(raw))
+        text = encode_manifest(manifest)
+        os.fsync(self.fd)
+        self.manifest_sha256 = hashlib.sha256(text).hexdigest()
+        return manifest, text
 
     def abort(self) -> None:
         """Remove the temporary files; an existing image under the final name is never touched."""

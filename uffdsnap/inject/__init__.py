@@ -16,15 +16,22 @@ ends the session with a KernelError (ESRCH), never a hang. Inside (private modul
 - _injected: `Injected`, `injected`, `create_uffd_in`: the caller's side;
 - _tracer: the process that makes every ptrace request for one session, and cleans up if we die;
 - _session, _tracee: the stopped thread: attach, run one call, restore, detach; what we made in it;
+- _others: the target's other threads, held stopped while it holds an fd we lent it or made;
 - _x86_64: syscall numbers, registers, a `syscall` instruction to borrow;
 - _seccomp: the filter interpreter that refuses calls the target's filters would punish;
 - _lend: handing an unprivileged target a /dev/userfaultfd fd.
 The raw ptrace requests are in uffdsnap.native.ptrace.
 
+`create_uffd_in` stops every other thread of the target (threads created meanwhile too) from
+before the first fd it puts there until the last copy is closed, so no thread of a hostile
+target can dup, keep or pass on (by fork) the lent /dev/userfaultfd fd or the new uffd.
+
 Known limits: if the tracer process itself is SIGKILLed during a call, the kernel detaches with
-that call's registers in place; another thread of the target that forks while it briefly holds an
-injected fd passes the copy on. Yama ptrace_scope=1 needs CAP_SYS_PTRACE even for our own
-children (the tracer is never the target's ancestor).
+that call's registers in place (and lets the other threads go, with whatever fd is in the
+target at that moment). A thread that cannot stop (a vfork parent waiting for its child, D
+state) makes create_uffd_in time out (ETIMEDOUT), the target released when it stops; a thread
+traced by someone else (a debugger on one thread) makes it fail (EPERM). Yama ptrace_scope=1
+needs CAP_SYS_PTRACE even for our own children (the tracer is never the target's ancestor).
 """
 
 from uffdsnap.inject._injected import DEFAULT_TIMEOUT, Injected, create_uffd_in, injected

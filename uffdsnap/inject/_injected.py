@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from uffdsnap import testhooks
 from uffdsnap.inject._lend import create_by_device
 from uffdsnap.inject._session import PAGE_SIZE
 from uffdsnap.inject._tracee import describe, pick_thread
@@ -73,6 +74,17 @@ class Injected:
         `close_fd` closed it first."""
         return self._call("give fd to target", "give_fd", fds=(fd,))
 
+    def stop_other_threads(self) -> int:
+        """Stop every other thread of the target (threads created meanwhile too) until
+        `resume_other_threads`, or until we leave, after what we injected is removed: nothing
+        but the thread we drive can see an fd we put in it. Returns how many were stopped."""
+        # (the tracer gives up first, so the caller hears why, and nothing stays stopped)
+        return self._call("stop the target's other threads", "stop_others", self._timeout / 2)
+
+    def resume_other_threads(self) -> None:
+        """Let the other threads run again (refused while a target fd we made is open)."""
+        self._call("resume the target's other threads", "resume_others")
+
     def map_scratch(self, length: int = PAGE_SIZE) -> int:
         """Map private anonymous read-write memory in the target; unmapped on leaving."""
         return self._call("injected mmap", "map_scratch", length)
@@ -135,14 +147,18 @@ def injected(pid: int, tid: int | None = None,
 
 
 def create_uffd_in(pid: int, flags: int = os.O_NONBLOCK | os.O_CLOEXEC,
-                   timeout: float = DEFAULT_TIMEOUT) -> tuple[int, str]:
+                   timeout: float = DEFAULT_TIMEOUT,
+                   test_hooks: testhooks.Hooks | None = None) -> tuple[int, str]:
     """Create a userfaultfd that acts on process `pid`'s address space and return it as
     (fd in our process, route), route "syscall" or "device".
 
     The target makes the uffd itself (a uffd binds to its creator's mm): by an injected
     userfaultfd() if it may, else, for unprivileged targets, by ioctl(USERFAULTFD_IOC_NEW) on a
     /dev/userfaultfd fd we hand it. Its own copies are closed before we return, so our fd is the
-    only reference: closing it releases every write-protect in the target.
+    only reference: closing it releases every write-protect in the target. Every other thread
+    of the target stays stopped from before the first of those fds exists in it until the last
+    is closed, so no thread of it can keep the device fd or a copy of the uffd. (Test hook
+    `lend_unfrozen` leaves them running, to show that they could.)
     """
     if flags & _uffd.UFFD_USER_MODE_ONLY:
         raise ValueError("UFFD_USER_MODE_ONLY breaks kernel-mode writes into protected memory")
@@ -151,21 +167,28 @@ def create_uffd_in(pid: int, flags: int = os.O_NONBLOCK | os.O_CLOEXEC,
     ours = -1
     try:
         with injected(pid, timeout=timeout) as target:
-            try:
-                theirs = target.syscall_fd(SYS_USERFAULTFD, flags)
-                route = "syscall"
-            except KernelError as first:
-                if first.errno not in (errno.EPERM, errno.EACCES, errno.ENOSYS):
-                    raise
-                try:
-                    theirs, route = create_by_device(target, flags, first), "device"
-                except KernelError as second:
-                    second.add_note(f"the userfaultfd() route failed first: {first}")
-                    raise
+            held = 0 if (test_hooks or {}).get("lend_unfrozen") else target.stop_other_threads()
+            theirs, route = _make_uffd(target, flags)
             ours = target.take_fd(theirs)
             target.close_fd(theirs)
+            if held:
+                target.resume_other_threads()
         return ours, route
     except BaseException:
         if ours >= 0:
             os.close(ours)
         raise
+
+
+def _make_uffd(target: Injected, flags: int) -> tuple[int, str]:
+    """The target's fd of a new uffd of its own, and the route that made it."""
+    try:
+        return target.syscall_fd(SYS_USERFAULTFD, flags), "syscall"
+    except KernelError as first:
+        if first.errno not in (errno.EPERM, errno.EACCES, errno.ENOSYS):
+            raise
+        try:
+            return create_by_device(target, flags, first), "device"
+        except KernelError as second:
+            second.add_note(f"the userfaultfd() route failed first: {first}")
+            raise

@@ -4,7 +4,8 @@ An injected userfaultfd() runs with the target's credentials, so an unprivileged
 EPERM (vm.unprivileged_userfaultfd=0). But any process holding an open fd of /dev/userfaultfd
 may create a full uffd with ioctl(USERFAULTFD_IOC_NEW), whatever its user: we open the device,
 hand the target a copy, and have it make the ioctl. UFFD_USER_MODE_ONLY is not a fallback: it
-breaks kernel-mode writes.
+breaks kernel-mode writes. The caller (create_uffd_in) holds every other thread of the target
+stopped meanwhile (_others), so only the thread we drive ever holds the device fd.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import os
 import platform
 from collections.abc import Callable
 
+from uffdsnap.inject._others import OtherThreads
 from uffdsnap.inject._tracee import Tracee
 from uffdsnap.inject._x86_64 import SYS_CLOSE, SYS_MMAP, SYS_MUNMAP, StopPoint
 from uffdsnap.native.libc import KernelError
@@ -35,6 +36,7 @@ class Session:
         self.pidfd = -1
         self.fds: list[int] = []  # target fds we created, closed on release
         self.scratch: dict[int, int] = {}  # target scratch mappings we made: addr -> length
+        self.others = OtherThreads(pid, tid, self.detail)  # held stopped while we lend fds
 
     @property
     def gone(self) -> bool:
@@ -105,10 +107,26 @@ class Session:
                               "its main thread has exited, and this kernel has no PIDFD_THREAD "
                               "(Linux 6.9) to take fds through another thread") from None
 
+    # -- the target's other threads --
+
+    def stop_others(self, timeout: float) -> int:
+        """Stop every other thread of the target within `timeout` s (see _others); how many
+        were stopped."""
+        return self.others.stop(timeout)
+
+    def resume_others(self) -> None:
+        """Let the other threads run again; only once no fd of ours is left in the target."""
+        if self.fds:
+            raise KernelError("ptrace(PTRACE_DETACH)", errno.EBUSY, self.detail,
+                              f"target fds {self.fds} we made are still open: other threads "
+                              "stay stopped until they are closed")
+        self.others.resume()
+
     # -- release --
 
     def release(self) -> None:
-        """Close what we opened, unmap what we mapped, restore registers, detach."""
+        """Close what we opened, unmap what we mapped, restore registers, detach; only then
+        let the other threads run again (none of them may see an fd we made)."""
         errors: list[KernelError] = []
         try:
             if self.tracee.attached and not self.gone:
@@ -122,6 +140,10 @@ class Session:
             if not self.gone:
                 errors.insert(0, e)
         finally:
+            try:
+                self.others.resume()
+            except KernelError as e:
+                errors.append(e)
             self.tracee.close()
             if self.pidfd >= 0:
                 os.close(self.pidfd)

@@ -36,6 +36,7 @@ _REQUESTS: dict[str, Callable[..., object]] = {
     "close_fd": Session.close_fd, "take_fd": Session.take_fd, "give_fd": give_fd,
     "map_scratch": Session.map_scratch, "unmap_scratch": Session.unmap_scratch,
     "read": Session.read, "write": Session.write, "release": Session.release,
+    "stop_others": Session.stop_others, "resume_others": Session.resume_others,
 }
 _FD_RESULTS = frozenset({"take_fd"})
 

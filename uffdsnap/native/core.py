@@ -65,7 +65,7 @@ class CoreStats:
     service_buckets: tuple[tuple[int, int], ...]  # (LatencyHistogram bucket, count)
 
 
-ABI_VERSION = 4  # snapcore.h's SC_ABI_VERSION
+ABI_VERSION = 5  # snapcore.h's SC_ABI_VERSION
 TEST_UNPROTECT_BEFORE_SAVE = 1  # SC_TEST_UNPROTECT_BEFORE_SAVE
 FAULT_DEADLINE_MS = 2000  # SC_FAULT_DEADLINE_MS: the default of SnapCore.set_fault_deadline
 EVENT_BATCH = 256  # events taken per call
@@ -110,6 +110,7 @@ def _library() -> ctypes.CDLL:
         "sc_set_fault_saved_limit": (i, [vp, _u64]),
         "sc_take_fault_saved": (i, [vp, _p_u64, i]),
         "sc_poll": (i, [vp, i]),
+        "sc_track_writes": (i, [vp, vp]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -176,6 +177,7 @@ class SnapCore:
         self._ptr: int | None = ptr
         # One byte per page, 0 → 1 once: a 1 read without the lock is final.
         self.saved = memoryview(array).cast("B")
+        self.written: memoryview | None = None  # see track_writes
         self.notify_fd: int = self._lib.sc_notify_fd(ptr)
 
     def _p(self) -> int:
@@ -317,6 +319,16 @@ class SnapCore:
     def poll(self, timeout: float = 0.0) -> None:
         """Without a fault thread: do one round of its work here, waiting at most `timeout`."""
         _check("snapcore poll", self._lib.sc_poll(self._p(), max(0, round(timeout * 1000))))
+
+    def track_writes(self) -> memoryview:
+        """Incremental snapshots: the scan's saves keep their pages protected from now on, and
+        the returned map (one byte per page, ours like `saved`) gets a 1 for every page a fault
+        is served for (Python marks the faults it serves itself)."""
+        array = (ctypes.c_ubyte * max(1, self.npages))()
+        _check("snapcore track_writes", self._lib.sc_track_writes(self._p(),
+                                                                   ctypes.addressof(array)))
+        self.written = memoryview(array).cast("B")
+        return self.written
 
     def set_test_flags(self, flags: int) -> None:
         """Deliberately wrong behaviours for tests' negative controls (TEST_*)."""

@@ -45,6 +45,7 @@ from uffdsnap.protocol._messages import (
     Tracked,
     Unprotect,
     Welcome,
+    Written,
 )
 
 __all__ = [
@@ -53,5 +54,6 @@ __all__ = [
     "Event", "Fault", "FaultChannel", "Gone", "Hello", "LocalProtocolError", "Message",
     "ObjectGeometry", "Protect", "Protected", "ProtocolError", "Release", "Released", "Removed",
     "RemoteProtocolError", "Result", "Role", "Snap", "State", "Tracked", "Unprotect", "Welcome",
+    "Written",
     "check_geometry", "decode", "encode",
 ]

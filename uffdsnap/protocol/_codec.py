@@ -24,6 +24,7 @@ from uffdsnap.protocol._messages import (
     Protected,
     Removed,
     Unprotect,
+    Written,
 )
 
 _U63 = (1 << 63) - 1
@@ -120,7 +121,7 @@ def check_geometry(msg: Message, geo: ObjectGeometry | None) -> None:
         return
     if isinstance(msg, Fault):
         _check_span("fault", msg.offset, geo.page_size, geo)
-    elif isinstance(msg, Unprotect | Removed):
+    elif isinstance(msg, Unprotect | Removed | Written):
         for off, length in msg.ranges:
             _check_span("unprotect range", off, length, geo)
     elif isinstance(msg, Protected | Delegate):

@@ -58,6 +58,11 @@ TRANSITIONS: dict[tuple[Role, str, State], State] = {
     (_A, "removed", _S.PROTECTING): _S.PROTECTING,
     (_A, "removed", _S.ACTIVE): _S.ACTIVE,
     (_A, "removed", _S.RELEASING): _S.RELEASING,
+    # write tracking (after `release` with keep): faults and removals between snapshots
+    (_A, "removed", _S.IDLE): _S.IDLE,
+    (_A, "written", _S.IDLE): _S.IDLE,
+    (_A, "written", _S.PROTECTING): _S.PROTECTING,
+    (_A, "written", _S.RELEASING): _S.RELEASING,
     (_C, "unprotect", _S.ACTIVE): _S.ACTIVE,
     (_C, "unprotect", _S.RELEASING): _S.RELEASING,
     # Crossings: an unprotect or event the coordinator sent before it saw `released`, and a
@@ -96,6 +101,11 @@ class Connection:
         self._buffer = bytearray()
         self._closed_by_us = False  # we sent abort/gone: what the peer had in flight is moot
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes received that do not yet make a whole message (the start of the next one)."""
+        return len(self._buffer)
+
     # -- sending --
     def send(self, msg: Message) -> bytes:
         """Bytes to write for `msg`; raises LocalProtocolError if it is not legal now."""
@@ -105,14 +115,18 @@ class Connection:
         if isinstance(msg, Hello):
             if role == Role.COORDINATOR or msg.role != role.value:
                 raise LocalProtocolError("hello must carry our own agent/client role")
-        self.state = self._next(role, msg, LocalProtocolError)
-        if isinstance(msg, Welcome):
-            self.geometry = ObjectGeometry(msg.size, msg.page_size)
+        nxt = self._next(role, msg, LocalProtocolError)
+        geometry = (ObjectGeometry(msg.size, msg.page_size) if isinstance(msg, Welcome)
+                    else self.geometry)
         try:
-            check_geometry(msg, self.geometry)
+            check_geometry(msg, geometry)
         except RemoteProtocolError as e:
             raise LocalProtocolError(str(e)) from None
-        return encode(msg)
+        data = encode(msg)
+        # (only now: a message we could not send leaves the state as it was, so that a
+        # correct one can still follow, e.g. a shorter `result`)
+        self.state, self.geometry = nxt, geometry
+        return data
 
     # -- receiving --
     def receive_data(self, data: bytes) -> None:

@@ -8,7 +8,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_MESSAGE_BYTES = 4 << 20
 MAX_RANGES = 4096
 # A process can hold at most vm.max_map_count (65530 by default) mappings: a `protected` or
@@ -63,7 +63,7 @@ class Welcome(Message):
 
     TYPE = "welcome"
     KINDS = {"version": "u", "size": "u", "page_size": "u", "major": "u", "minor": "u",
-             "inode": "u", "delegate": "b"}
+             "inode": "u", "delegate": "b", "fault_deadline_ms": "u"}
     version: int
     size: int
     page_size: int
@@ -71,6 +71,9 @@ class Welcome(Message):
     minor: int
     inode: int
     delegate: bool = False  # agents hand their uffd to the coordinator (delegated mode)
+    # the coordinator's fault deadline (0: the default): an agent whose writer waits on a
+    # fault longer (plus a grace) takes the coordinator for stuck and releases it
+    fault_deadline_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,13 @@ class Protected(Message):
     """Every mapping of the object in the agent's process is write-protected."""
 
     TYPE = "protected"
-    KINDS = {"snapshot": "u", "mappings": "maps", "protect_ns": "u"}
+    KINDS = {"snapshot": "u", "mappings": "maps", "protect_ns": "u", "gap": "s"}
     snapshot: int
     mappings: tuple[tuple[int, int, int], ...]  # (address, length, offset)
     protect_ns: int
+    # Write tracking (after a `release` with keep): why the agent cannot vouch that every
+    # write since that release faulted (a mapping of the object it found anew); "" if it can.
+    gap: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,11 +121,15 @@ class Unprotect(Message):
 
 @dataclass(frozen=True)
 class Release(Message):
-    """The snapshot is over (done or failed): un-protect everything and unregister."""
+    """The snapshot is over (done or failed): un-protect everything and unregister; or, with
+    `keep` (write tracking for incremental snapshots), leave every page protected that is still
+    protected and go on forwarding faults: the next write to each page faults once, so the
+    coordinator learns what is written before the next snapshot."""
 
     TYPE = "release"
-    KINDS = {"snapshot": "u"}
+    KINDS = {"snapshot": "u", "keep": "b"}
     snapshot: int
+    keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,17 @@ class Removed(Message):
 
 
 @dataclass(frozen=True)
+class Written(Message):
+    """Write tracking (after a `release` with keep): pages of these object ranges were written
+    in the agent's processes since it last said so; it un-protected them there itself. Sent
+    before `protected` (and before `gone`), so the coordinator has them all at T."""
+
+    TYPE = "written"
+    KINDS = {"ranges": "ranges"}
+    ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
 class Gone(Message):
     """The agent's process exited (or exec'd away from the object); the agent is leaving."""
 
@@ -230,11 +251,15 @@ class Snap(Message):
     """Client asks the coordinator for one snapshot into `output`, or, with `to`, streamed to
     a receiver there (tcp://HOST:PORT or unix:PATH; `output` is then empty) with the stream's
     options (`max_rate` bytes/s and `staging` bytes, 0: none/default; `stream_timeout_ms`,
-    0: default)."""
+    0: default). `incremental`: only what was written since the previous image this
+    coordinator published (a full image, with the reason, when it cannot prove that).
+    `files`: two unnamed files travel with it (SCM_RIGHTS), created by the client in the
+    directory of `output`: the coordinator writes the image into the first and its manifest into
+    the second, and the client names them (the coordinator creates nothing on its word)."""
 
     TYPE = "snap"
     KINDS = {"output": "s", "overwrite": "b", "to": "s", "compress": "b", "max_rate": "u",
-             "staging": "u", "stream_timeout_ms": "u"}
+             "staging": "u", "stream_timeout_ms": "u", "incremental": "b", "files": "b"}
     output: str
     overwrite: bool = False
     to: str = ""
@@ -242,6 +267,11 @@ class Snap(Message):
     max_rate: int = 0
     staging: int = 0
     stream_timeout_ms: int = 0
+    incremental: bool = False
+    files: bool = False
+
+    def fd_count(self) -> int:
+        return 2 if self.files else 0
 
 
 @dataclass(frozen=True)
@@ -257,5 +287,6 @@ class Result(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Hello, Welcome, Protect, Protected, Fault, Unprotect, Release, Released,
-                        Delegate, FaultChannel, Event, Tracked, Removed, Gone, Abort, Snap, Result)
+                        Delegate, FaultChannel, Event, Tracked, Removed, Written, Gone, Abort, Snap,
+                        Result)
 }

@@ -171,7 +171,8 @@ def encode_image(path: str, *, compress: bool = False) -> Iterator[bytes]:
     try:
         yield enc.header(obj.size, obj.page_size, manifest.snapshot_unix_ns,
                          {"source": obj.source, "kind": obj.kind, "dev": obj.dev,
-                          "inode": obj.inode})
+                          "inode": obj.inode},
+                         manifest.parent.to_dict() if manifest.parent else None)
         limit = data_limit(obj.page_size)
         pos = 0
         for e in manifest.extents:

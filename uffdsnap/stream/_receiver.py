@@ -117,14 +117,15 @@ async def receive_stream(source: trio.abc.ReceiveStream, output: Output, *, peer
 
     Expected failures come back as a result with ok=False (never raised). The stream is
     complete at END followed by the end of input (the sender closes its sending side). With
-    `reply_to` (a bidirectional transport) the sender is answered: `ok SHA256` once published,
-    or `error: REASON`.
+    `reply_to` (a bidirectional transport) the sender is answered: `ok SHA256 NAME` once
+    published (NAME: the image's name in its directory), or `error: REASON`.
     """
     session = _Session(source, output, peer, idle_timeout, on_header)
     reply: Reply
     try:
         await session.run()
-        reply = Reply(True, manifest_sha256=session.result.manifest_sha256 or "")
+        reply = Reply(True, manifest_sha256=session.result.manifest_sha256 or "",
+                      image=os.path.basename(session.result.image or ""))
     except (StreamError, SnapshotFailed, UserError) as e:
         reply = session.failed(str(e))
     except OSError as e:  # the disk: full, gone, read-only
@@ -203,9 +204,12 @@ class _Session:
             if not data:
                 break
             self.decoder.receive_data(data)
-        assert self.writer is not None
+        assert self.writer is not None and self.decoder.header is not None
+        fields = dict(end.manifest)
+        if self.decoder.header.parent is not None:  # a delta: its manifest names the parent
+            fields["parent"] = self.decoder.header.parent
         try:
-            manifest = self.writer.publish(end.manifest)
+            manifest = self.writer.publish(fields)
         except ValueError as e:  # the decoder checked these fields already: a bug if it lets
             raise StreamError(f"END: {e}") from None  # one through, but never publish it
         text = manifest.to_json().encode("ascii")  # the manifest file's bytes

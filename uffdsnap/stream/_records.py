@@ -19,6 +19,7 @@ import msgpack
 
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.image import (
+    DELTA_FORMAT_VERSION,
     FORMAT,
     FORMAT_VERSION,
     MAX_OFFSET,
@@ -56,7 +57,8 @@ OBJECT_FIELDS = frozenset({"source", "kind", "dev", "inode"})
 HEADER_FIELDS = frozenset({"format", "version", "size", "page_size", "t_unix_ns", "object",
                            "parent"})
 END_FIELDS = frozenset({"manifest", "pages", "bytes", "digest"})
-MANIFEST_FIELDS = frozenset({"object", "snapshot_time", "processes", "stats"})
+MANIFEST_FIELDS = frozenset({"object", "snapshot_time", "processes", "stats", "parent"})
+PARENT_FIELDS = frozenset({"image", "manifest_sha256", "snapshot_unix_ns"})
 
 
 class Kind(enum.IntEnum):
@@ -80,7 +82,9 @@ class StreamHeader:
     page_size: int
     t_unix_ns: int
     object: dict[str, Any]  # source, kind, dev, inode: as ImageWriter.publish takes them
-    parent: dict[str, Any] | None = None  # reserved for incremental images: always None in v1
+    # a delta's parent (image, manifest_sha256, snapshot_unix_ns: the manifest's field); then
+    # PAGES are the delta's extents (zeros included) and HOLE is "as in the parent"
+    parent: dict[str, Any] | None = None
 
     @property
     def npages(self) -> int:
@@ -272,11 +276,10 @@ def decode_header(payload: bytes) -> StreamHeader:
         raise StreamError(f"HEADER: page_size {page_size} is not a power of two")
     t = _int(d["t_unix_ns"], "HEADER: t_unix_ns", 0, MAX_UNIX_NS - 1)
     obj = _map(d["object"], "HEADER: object", OBJECT_FIELDS)
-    if d["parent"] is not None:
-        _map(d["parent"], "HEADER: parent", frozenset({"name", "manifest_sha256"}))
-        raise StreamError("HEADER: names a parent image: incremental streams are not "
-                          "supported by this receiver")
-    header = StreamHeader(size, page_size, t, dict(obj))
+    parent = d["parent"]
+    if parent is not None:
+        parent = dict(_map(parent, "HEADER: parent", PARENT_FIELDS))
+    header = StreamHeader(size, page_size, t, dict(obj), parent)
     if header.npages > MAX_OBJECT_PAGES:
         raise StreamError(f"HEADER: an object of {header.npages} pages is more than this "
                           f"receiver takes ({MAX_OBJECT_PAGES})")
@@ -300,10 +303,12 @@ def decode_end(payload: bytes, header: StreamHeader) -> End:
 def check_manifest_fields(fields: Any, header: StreamHeader, where: str) -> None:
     """StreamError unless `fields` (as ImageWriter.publish takes them) describe the header's
     object at the header's T and are what the image's own rules accept in a manifest."""
-    d = _map(fields, where, MANIFEST_FIELDS - {"processes", "stats"},
-             optional=frozenset({"processes", "stats"}))
+    d = _map(fields, where, MANIFEST_FIELDS - {"processes", "stats", "parent"},
+             optional=frozenset({"processes", "stats", "parent"}))
     if d["object"] != header.object:
         raise StreamError(f"{where}: object differs from the HEADER's")
+    if d.get("parent", header.parent) != header.parent:
+        raise StreamError(f"{where}: parent differs from the HEADER's")
     when = d["snapshot_time"]
     unix_ns = when.get("unix_ns") if type(when) is dict and set(when) == {"unix_ns"} else when
     if type(unix_ns) is not int or unix_ns != header.t_unix_ns:
@@ -320,11 +325,13 @@ def check_manifest_fields(fields: Any, header: StreamHeader, where: str) -> None
     if type(processes) is not list:
         raise StreamError(f"{where}: processes must be a list")
     probe = {  # the image's own rules check every field a manifest will hold
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION if header.parent is None else DELTA_FORMAT_VERSION,
         "created_by": {"tool": "uffdsnap", "version": "0"},
         "object": {"size": header.size, "page_size": header.page_size, **header.object},
         "snapshot_time": {"unix_ns": header.t_unix_ns,
                           "iso8601": iso8601_utc(header.t_unix_ns)},
+        **({"parent": header.parent} if header.parent is not None else {}),
         "processes": processes, "stats": stats, "extents": []}
     try:
         Manifest.from_dict(probe, where=where)
@@ -400,22 +407,29 @@ class Reply:
     ok: bool
     manifest_sha256: str = ""
     error: str = ""
+    image: str = ""  # the published image's name in its directory (a later delta's parent)
+
+
+_IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9._+-]{1,255}")
 
 
 def encode_reply(reply: Reply) -> bytes:
     if reply.ok:
-        return f"ok {reply.manifest_sha256}\n".encode("ascii")
+        name = f" {reply.image}" if _IMAGE_NAME_RE.fullmatch(reply.image) else ""
+        return f"ok {reply.manifest_sha256}{name}\n".encode("ascii")
     return f"error: {one_line(reply.error)}\n".encode()
 
 
 def decode_reply(line: bytes) -> Reply:
-    """A reply line (with its newline); StreamError if it is neither `ok SHA256` nor
+    """A reply line (with its newline); StreamError if it is neither `ok SHA256 [NAME]` nor
     `error: REASON`."""
     if not line.endswith(b"\n") or len(line) > MAX_REPLY:
         raise StreamError("the receiver's reply is not one line")
     text = line[:-1].decode("utf-8", errors="replace")
-    if text.startswith("ok ") and _SHA256_RE.fullmatch(text[3:]):
-        return Reply(True, manifest_sha256=text[3:])
+    sha, _, name = text[3:].partition(" ")
+    if text.startswith("ok ") and _SHA256_RE.fullmatch(sha) and (
+            not name or _IMAGE_NAME_RE.fullmatch(name)):
+        return Reply(True, manifest_sha256=sha, image=name)
     if text.startswith("error: "):
         return Reply(False, error=one_line(text[7:]))
     raise StreamError(f"the receiver's reply is not understood: {_show(text)}")

@@ -181,9 +181,11 @@ class StreamSender:
     # ---- records --------------------------------------------------------------------------
 
     async def header(self, size: int, page_size: int, t_unix_ns: int,
-                     object_fields: dict[str, Any]) -> None:
+                     object_fields: dict[str, Any],
+                     parent: dict[str, Any] | None = None) -> None:
+        """HEADER; with `parent` (a manifest's parent field), the stream is a delta."""
         self.started = time.monotonic()
-        await self._emit(self.encoder.header(size, page_size, t_unix_ns, object_fields))
+        await self._emit(self.encoder.header(size, page_size, t_unix_ns, object_fields, parent))
 
     async def pages(self, offset: int, data: memoryview) -> None:
         """PAGES records for `data` at `offset` (cut to the record limit), compressed in a
@@ -351,7 +353,8 @@ class StreamSender:
                 "wire_bytes": enc.wire_bytes, "pages": enc.pages_sent,
                 "seconds": round(seconds, 3),
                 "wire_bytes_per_s": math.floor(enc.wire_bytes / seconds),
-                "manifest_sha256": self.reply.manifest_sha256 if self.reply else ""}
+                "manifest_sha256": self.reply.manifest_sha256 if self.reply else "",
+                "image": self.reply.image if self.reply else ""}
 
 
 async def _read_reply_within(stream: trio.abc.Stream, timeout: float) -> Reply | None:

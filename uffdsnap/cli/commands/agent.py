@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import socket
 import sys
 
@@ -19,6 +20,9 @@ from uffdsnap.native import scm
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", required=True, metavar="SOCK",
                         help="the coordinator's Unix socket")
+    parser.add_argument("--coordinator-user", metavar="USER",
+                        help="the user who runs the coordinator, if not root or this user: "
+                             "whoever else listens at SOCK is refused before anything is sent")
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--attach", type=int, metavar="PID",
                      help="inject userfaultfd() into unmodified process PID (ptrace)")
@@ -38,23 +42,42 @@ def run(args: argparse.Namespace) -> int:
 
         trio.run(run_host, args.coordinator, hooks, _say)
         return 0
-    if args.attach is not None:
-        return _attach(args.coordinator, args.attach, hooks)
-    if args.listen:
-        sock = _accept_one(args.listen)
-    else:
+    if args.enlist_fd is not None:  # (first: the workload waits for our answer)
         sock = socket.socket(fileno=args.enlist_fd)
-    with sock:
-        return _enlisted(args.coordinator, sock, hooks)
+        with sock:
+            try:
+                trusted = user_id(args.coordinator_user)
+            except UserError as e:
+                _answer(sock, f"error: {e}")
+                raise
+            return _enlisted(args.coordinator, sock, hooks, trusted)
+    trusted = user_id(args.coordinator_user)
+    if args.attach is not None:
+        return _attach(args.coordinator, args.attach, hooks, trusted)
+    with _accept_one(args.listen) as sock:
+        return _enlisted(args.coordinator, sock, hooks, trusted)
 
 
-def _attach(coordinator: str, pid: int, hooks: testhooks.Hooks) -> int:
+def user_id(name: str | None) -> int | None:
+    """A user name or number, as a uid (one line if there is no such user)."""
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise UserError(f"--coordinator-user: no such user: {name}") from None
+
+
+def _attach(coordinator: str, pid: int, hooks: testhooks.Hooks, trusted: int | None) -> int:
     from uffdsnap.inject import create_uffd_in
 
     if pid <= 0:
         raise UserError(f"--attach: {pid} is not a process id")
     uffd, _route = create_uffd_in(pid)
-    reason = trio.run(lambda: run_agent(coordinator, pid, uffd, "attach", test_hooks=hooks))
+    reason = trio.run(lambda: run_agent(coordinator, pid, uffd, "attach", test_hooks=hooks,
+                                        coordinator_uid=trusted))
     return _ended(reason)
 
 
@@ -77,7 +100,8 @@ def _accept_one(path: str) -> socket.socket:
     return conn
 
 
-def _enlisted(coordinator: str, sock: socket.socket, hooks: testhooks.Hooks) -> int:
+def _enlisted(coordinator: str, sock: socket.socket, hooks: testhooks.Hooks,
+              trusted: int | None) -> int:
     """Receive the workload's uffd (one byte + SCM_RIGHTS), join, answer "ok" or "error: ..."."""
     try:
         _data, fds = scm.recv_fds(sock, 16)
@@ -94,7 +118,8 @@ def _enlisted(coordinator: str, sock: socket.socket, hooks: testhooks.Hooks) -> 
         raise
     try:
         reason = trio.run(lambda: run_agent(coordinator, pid, fds[0], "enlist",
-                                            lambda: _answer(sock, "ok"), test_hooks=hooks))
+                                            lambda: _answer(sock, "ok"), test_hooks=hooks,
+                                            coordinator_uid=trusted))
     except BaseException as e:
         _answer(sock, f"error: {e}")
         raise

@@ -9,7 +9,7 @@ import shlex
 import sys
 from typing import Any
 
-from uffdsnap.bench.config import KINDS, MODES, BenchConfig, parse_size
+from uffdsnap.bench.config import KINDS, MODES, PARTS, BenchConfig, parse_size
 from uffdsnap.cli.output import emit
 from uffdsnap.errors import UserError
 
@@ -53,6 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="raise vm.nr_hugepages for the hugetlb runs if needed (restored "
                              "afterwards); without it they are skipped when pages are short")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--only", metavar="LIST",
+                        help=f"run only these parts (of {','.join(PARTS)}; default all)")
 
 
 def _list(text: str | None, what: str, conv: Any) -> tuple[Any, ...] | None:
@@ -86,6 +88,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if modes and set(modes) - set(MODES):
         raise UserError(f"--modes: unknown {sorted(set(modes) - set(MODES))} "
                         f"(have {', '.join(MODES)})")
+    parts = _list(args.only, "--only", str)
+    if parts and set(parts) - set(PARTS):
+        raise UserError(f"--only: unknown {sorted(set(parts) - set(PARTS))} "
+                        f"(have {', '.join(PARTS)})")
     if args.rate is not None and not args.rate > 0:
         raise UserError("--rate must be positive")
     single = {}
@@ -101,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sizes=_sorted(_list(args.sizes, "--sizes", parse_size)),
         procs=_sorted(_list(args.procs, "--procs", _positive_int)),
         pause_procs=_sorted(_list(args.pause_procs, "--pause-procs", _positive_int)),
-        kinds=kinds, modes=modes, rate=args.rate, dest_dir=args.dest,
+        kinds=kinds, modes=modes, rate=args.rate, dest_dir=args.dest, parts=parts,
         out_dir=os.path.abspath(args.out) if args.out else None,
         reserve_hugepages=args.reserve_hugepages or None,
         plots=False if args.no_plots else None, **single)

@@ -15,12 +15,16 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.cli.commands.snapshot import (
+    add_fault_deadline_argument,
     add_mode_argument,
     add_nice_argument,
     add_test_hooks_argument,
     apply_nice,
+    check_fault_deadline,
+    fault_deadline,
 )
 from uffdsnap.cli.output import say
+from uffdsnap.coordinator._server import MAX_CONNECTIONS
 from uffdsnap.errors import UserError
 from uffdsnap.hosted import ForkedHostFds, fork_agent_host, hosted
 from uffdsnap.procfs import ObjectError, SharedObject, open_object
@@ -42,8 +46,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients-group", metavar="GROUP",
                         help="besides this user and root, members of GROUP may ask for "
                              "snapshots")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                        help="agents and clients served at once (default %(default)s); past "
+                             "it, peers other than root and this user are refused with the "
+                             "reason")
+    add_fault_deadline_argument(parser)
     add_mode_argument(parser)
     add_nice_argument(parser)
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse every snapshot whose escape audit (before T) finds a "
+                             "process that could write to the object untracked "
+                             "(docs/tracking.md)")
     parser.add_argument("--attach", action="store_true",
                         help="at each snapshot, attach an agent (ptrace) to every process that "
                              "maps the object writable and has not enlisted")
@@ -51,6 +64,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_connections < 1:
+        raise UserError(f"--max-connections {args.max_connections}: at least 1")
+    check_fault_deadline(args)
     apply_nice(args)
     try:
         obj = open_object(args.shm)
@@ -116,7 +132,8 @@ async def _serve(obj: SharedObject, path: str, args: argparse.Namespace,
         async with hosted(obj, socket_path=path, attach=args.attach,
                           protect_timeout=args.timeout, delegate=args.mode == "delegated",
                           test_hooks=hooks, agent_host=host, socket_group=socket_group,
-                          clients_gid=clients_gid):
+                          clients_gid=clients_gid, max_connections=args.max_connections,
+                          fault_deadline=fault_deadline(args), strict=args.strict):
             say(f"coordinator listening on {path}")
             async for _ in signals:
                 break

@@ -11,6 +11,8 @@ import sys
 
 from uffdsnap.cli.output import emit, error_line
 from uffdsnap.doctor import ATTACH, INFO, REQUIRED, USEFUL, Check, Diagnosis, diagnose
+from uffdsnap.errors import UserError
+from uffdsnap.procfs import ObjectError, open_object
 
 _MARKS = {"ok": "✓", "fail": "✗", "warn": "!", "info": "·", "skip": "–", "fix": "→"}
 _ASCII_MARKS = {"ok": "+", "fail": "x", "warn": "!", "info": "-", "skip": "~", "fix": "->"}
@@ -20,10 +22,24 @@ _ROUTE_LABELS = {"syscall": "syscall", "device": "/dev/userfaultfd"}
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="longest wait on each probe process (default: 10)")
+    parser.add_argument("--shm", metavar="OBJECT",
+                        help="also audit this object now, as a snapshot does before T: "
+                             "processes that hold it open for writing without mapping it, and "
+                             "mappers we cannot see (another PID namespace)")
 
 
 def run(args: argparse.Namespace) -> int:
-    diag = diagnose(timeout=args.timeout)
+    obj = None
+    if args.shm is not None:
+        try:
+            obj = open_object(args.shm)
+        except ObjectError as e:
+            raise UserError(str(e)) from None
+    try:
+        diag = diagnose(timeout=args.timeout, shm=obj)
+    finally:
+        if obj is not None:
+            obj.close()
     marks = _marks_for(sys.stdout)
     text = render(diag, marks)
     if marks is _ASCII_MARKS:

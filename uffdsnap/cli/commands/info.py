@@ -1,4 +1,5 @@
-"""`uffdsnap info OUT.img`: what an image's manifest records, without reading the image's bytes."""
+"""`uffdsnap info OUT.img`: what an image's manifest records (and its chain's, for a delta),
+without reading the images' bytes."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def _human(d: dict[str, Any]) -> str:
         f"page size {size_text(obj['page_size'])}",
         f"snapshot T  {d['snapshot_time']['iso8601']}",
         f"extents     {d['extents']}, {size_text(d['extent_bytes'])} saved "
-        "(the rest of the object read as zeros)",
+        + ("(the rest is as in the parent)" if d["kind"] == "delta"
+           else "(the rest of the object read as zeros)"),
         f"processes   {len(d['processes'])}",
     ]
     for p in d["processes"]:
@@ -61,4 +63,19 @@ def _human(d: dict[str, Any]) -> str:
                                             for k, v in stats.items()) or "(none)"))
     lines.append(f"created by  {d['created_by']['tool']} {d['created_by']['version']} "
                  f"(image format {d['format_version']})")
+    lines.extend(_chain(d))
     return "\n".join(lines)
+
+
+def _chain(d: dict[str, Any]) -> list[str]:
+    """The chain, root first: each link's T, kind, saved bytes and name."""
+    if d["kind"] == "full" and len(d["chain"]) == 1:
+        return []
+    lines = [f"chain       {len(d['chain'])} images, root first"
+             + ("" if d["chain_problem"] is None else " (as far as it could be followed)")]
+    for link in d["chain"]:
+        lines.append(f"            {link['snapshot_time']} {link['kind']:5} "
+                     f"{size_text(link['extent_bytes']):>10} {_safe(link['image'])}")
+    if d["chain_problem"] is not None:
+        lines.append(f"            BROKEN: {_safe(d['chain_problem'])}")
+    return lines

@@ -1,4 +1,5 @@
-"""`uffdsnap restore OUT.img --to PATH`: verify, then write the image's exact bytes to PATH."""
+"""`uffdsnap restore OUT.img --to PATH`: verify (for a delta, its whole chain), then write the
+object's bytes at the image's T to PATH."""
 
 from __future__ import annotations
 
@@ -24,5 +25,6 @@ def run(args: argparse.Namespace) -> int:
     emit(args.json, {"ok": True, **report.to_dict()},
          f"restored {args.image} to {args.to}: {size_text(report.size)} "
          f"({size_text(report.data_bytes)} of data, the rest sparse)"
+         + (f" from a chain of {report.links} images" if report.links > 1 else "")
          + (" [replaced the existing file]" if report.replaced else ""))
     return 0

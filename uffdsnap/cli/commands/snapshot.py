@@ -17,10 +17,12 @@ from uffdsnap import testhooks
 from uffdsnap.bench.config import parse_size
 from uffdsnap.channel import PeerClosed, connect
 from uffdsnap.cli import DEFAULT_NICE
+from uffdsnap.cli.commands.agent import user_id
 from uffdsnap.cli.output import emit
 from uffdsnap.cli.summary import human_summary
 from uffdsnap.errors import SnapshotFailed, UserError
-from uffdsnap.image import check_replaceable, manifest_path
+from uffdsnap.image import check_replaceable, manifest_path, open_unnamed, publish_unnamed
+from uffdsnap.native.core import FAULT_DEADLINE_MS
 from uffdsnap.procfs import ObjectError, open_object
 from uffdsnap.protocol import (
     PROTOCOL_VERSION,
@@ -35,6 +37,10 @@ from uffdsnap.protocol import (
 from uffdsnap.stats import size_text
 from uffdsnap.stream import STREAM_TIMEOUT_S, StreamOptions, take_stdout
 
+FAULT_DEADLINE_S = FAULT_DEADLINE_MS / 1000  # (the coordinator's default)
+FAULT_DEADLINE_MIN_S = 0.1
+FAULT_DEADLINE_MAX_S = 3600.0  # (the native core's limit)
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
@@ -43,6 +49,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "/proc/PID/map_files/START-END: attach to every process that maps it")
     src.add_argument("--coordinator", metavar="SOCK",
                      help="ask the running coordinator at SOCK for a snapshot")
+    parser.add_argument("--coordinator-user", metavar="USER",
+                        help="with --coordinator: the user who runs it, if not root or this "
+                             "user (whoever else listens at SOCK is refused before anything "
+                             "is sent)")
     dest = parser.add_mutually_exclusive_group(required=True)
     dest.add_argument("-o", "--output", metavar="OUT.img", help="the image to publish")
     dest.add_argument("--to", metavar="ADDR",
@@ -50,6 +60,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            "tcp://HOST:PORT, HOST:PORT, unix:PATH, or - (standard output); "
                            "exit 0 once it has published the image (docs/stream-format.md)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT.img")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse (before T: nothing published, writers released) when the "
+                             "escape audit finds a process that could write to the object "
+                             "untracked: one holding it open for writing without mapping it, "
+                             "or one we cannot see that maps it (docs/tracking.md)")
+    parser.add_argument("--incremental", action="store_true",
+                        help="with --coordinator: a delta image of the pages any process wrote "
+                             "since the previous image that coordinator published (its "
+                             "manifest names that parent; restore/verify/info follow the "
+                             "chain). The first request starts write tracking and is full; "
+                             "whenever the coordinator cannot prove it saw every write, the "
+                             "image is full and the summary says why")
     stream = parser.add_argument_group("streaming (with --to)")
     stream.add_argument("--compress", action="store_true",
                         help="compress pages with zstd (each record sent raw if that is smaller)")
@@ -66,6 +88,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="limit for joining and protecting, in seconds (default 30)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_fault_deadline_argument(parser)
     add_mode_argument(parser)
     add_nice_argument(parser)
     add_test_hooks_argument(parser)
@@ -74,7 +97,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise UserError("--timeout must be positive")
+    check_fault_deadline(args)
     apply_nice(args)
+    if args.coordinator_user is not None and args.shm:
+        raise UserError("--coordinator-user applies to --coordinator")
+    if args.incremental and args.shm:
+        raise UserError("--incremental needs a long-running coordinator (`snapshot "
+                        "--coordinator SOCK --incremental`): only it can track writes between "
+                        "snapshots")
     stream = _stream_options(args)
     output = ""
     if stream is None:
@@ -91,21 +121,47 @@ def run(args: argparse.Namespace) -> int:
         summary = _local(args.shm, output, args, progress, stream)
     elif args.mode != "agents":
         raise UserError("--mode is the coordinator's setting: pass it to `uffdsnap coordinator`")
+    elif args.strict:
+        raise UserError("--strict is the coordinator's setting: pass it to `uffdsnap "
+                        "coordinator`")
+    elif args.fault_deadline is not None:
+        raise UserError("--fault-deadline is the coordinator's setting: pass it to `uffdsnap "
+                        "coordinator`")
     else:
-        summary = trio.run(_remote, args.coordinator, output, args.force, stream)
+        summary = trio.run(_remote, args.coordinator, output, args.force, stream,
+                           args.incremental, user_id(args.coordinator_user))
     if progress:
         progress.done()
     if stream is None:
         summary["image"] = output
-        emit(args.json, summary, human_summary(summary))
+        emit(args.json, summary, _summary_text(summary))
         return 0
-    text = human_summary({**summary, "image": f"streamed to {stream.to}"}) + "\n" + \
+    text = _summary_text({**summary, "image": f"streamed to {stream.to}"}) + "\n" + \
         _stream_line(summary)
     if stream.to == "-":  # standard output was the stream
         sys.stderr.write((json.dumps(summary, sort_keys=True) if args.json else text) + "\n")
     else:
         emit(args.json, summary, text)
     return 0
+
+
+def _summary_text(s: dict[str, Any]) -> str:
+    """The human summary, then one line per escape the audit found and per thing it could
+    not check (docs/tracking.md)."""
+    return "\n".join([human_summary(s), *escape_lines(s)])
+
+
+def escape_lines(s: dict[str, Any]) -> list[str]:
+    """The escape audit's findings (`warning`) and notes, from a summary that is nested (ours)
+    or flattened (a coordinator's answer)."""
+    esc = s.get("escapes")
+    if isinstance(esc, dict):
+        findings, notes = esc.get("findings", []), esc.get("notes", [])
+    else:
+        findings = [x for x in str(s.get("escapes_findings_text", "")).split("\n") if x]
+        notes = [x for x in str(s.get("escapes_notes_text", "")).split("\n") if x]
+    return ([f"  warning      {line}" for line in findings]
+            + [f"  audit        {line}" for line in notes])
 
 
 def _stream_options(args: argparse.Namespace) -> StreamOptions | None:
@@ -172,16 +228,33 @@ def _local(spec: str, output: str, args: argparse.Namespace, progress: Any,
         with forked_agent_host(hooks) as (socket_path, agent_host):
             return trio.run(lambda: attach_and_snapshot(
                 obj, output, overwrite=args.force, stream=stream, protect_timeout=args.timeout,
+                fault_deadline=fault_deadline(args), strict=args.strict,
                 delegate=args.mode == "delegated", on_progress=progress, test_hooks=hooks,
                 socket_path=socket_path, agent_host=agent_host))
     finally:
         obj.close()
 
 
-async def _remote(path: str, output: str, overwrite: bool,
-                  stream: StreamOptions | None) -> dict[str, Any]:
+async def _remote(path: str, output: str, overwrite: bool, stream: StreamOptions | None,
+                  incremental: bool = False, trusted_uid: int | None = None) -> dict[str, Any]:
+    """Ask the coordinator at `path`. An image goes into two unnamed files we create (with our
+    rights) and pass along; once the coordinator says the snapshot is good, we name them."""
+    files = open_unnamed(output) if stream is None else None
     try:
-        chan = await connect(path, Role.CLIENT)
+        summary = await _ask(path, output, overwrite, stream, incremental, trusted_uid, files)
+        if files is not None:
+            publish_unnamed(*files, output, overwrite)
+        return summary
+    finally:
+        for fd in files or ():
+            os.close(fd)
+
+
+async def _ask(path: str, output: str, overwrite: bool, stream: StreamOptions | None,
+               incremental: bool, trusted_uid: int | None,
+               files: tuple[int, int] | None) -> dict[str, Any]:
+    try:
+        chan = await connect(path, Role.CLIENT, trusted_uid)
     except OSError as e:
         raise UserError(f"cannot reach coordinator at {path}: {e.strerror}") from None
     try:
@@ -191,11 +264,13 @@ async def _remote(path: str, output: str, overwrite: bool,
             raise SnapshotFailed(f"coordinator at {path}: {welcome.reason}")
         if not isinstance(welcome, Welcome):
             raise SnapshotFailed(f"coordinator at {path} answered {welcome.TYPE}")
-        if stream is None:
-            await chan.send(Snap(output, overwrite))
+        if files is not None:
+            await chan.send(Snap(output, overwrite, incremental=incremental, files=True),
+                            fds=list(files))
         else:  # the coordinator streams; the destination travels like -o does
             await chan.send(Snap("", False, stream.to, stream.compress, stream.max_rate,
-                                 stream.staging, max(1, round(stream.stream_timeout * 1000))))
+                                 stream.staging, max(1, round(stream.stream_timeout * 1000)),
+                                 incremental))
         result, _ = await chan.receive()
     except (PeerClosed, ProtocolError) as e:
         raise SnapshotFailed(f"coordinator at {path}: {e}") from None
@@ -206,6 +281,25 @@ async def _remote(path: str, output: str, overwrite: bool,
     if not result.ok:
         raise SnapshotFailed(result.reason)
     return dict(result.summary)
+
+
+def add_fault_deadline_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fault-deadline", type=float, metavar="S",
+        help=f"the longest any writer may wait on the snapshot (default {FAULT_DEADLINE_S:g} "
+             "s): a write fault unanswered, or held before T, this long, or an agent stopped "
+             "this long, fails the snapshot and releases every writer (docs/overview.md)")
+
+
+def check_fault_deadline(args: argparse.Namespace) -> None:
+    if args.fault_deadline is not None and not (
+            FAULT_DEADLINE_MIN_S <= args.fault_deadline <= FAULT_DEADLINE_MAX_S):
+        raise UserError(f"--fault-deadline {args.fault_deadline:g}: between "
+                        f"{FAULT_DEADLINE_MIN_S:g} and {FAULT_DEADLINE_MAX_S:g} seconds")
+
+
+def fault_deadline(args: argparse.Namespace) -> float:
+    return FAULT_DEADLINE_S if args.fault_deadline is None else float(args.fault_deadline)
 
 
 def add_test_hooks_argument(parser: argparse.ArgumentParser) -> None:

@@ -150,6 +150,7 @@ struct sc {
     int obj_fd, img_fd, wake_fd, notify_fd, state, stopping, thread_started, saved_owned;
     uint64_t size, page_size, npages, deadline_ns;
     unsigned char *saved;
+    unsigned char *written; /* sc_track_writes: pages a fault was served for (NULL: off) */
     pthread_t thread;
     pthread_t fault_self; /* the fault thread, as it sees itself (valid while fault_self_set) */
     atomic_int fault_self_set;
@@ -1023,6 +1024,8 @@ static void serve_page(struct sc *c, struct uf *u, struct chan *ch, uint64_t off
 {
     uint64_t page = off / c->page_size;
     int fresh = !c->saved[page];
+    if (c->written)
+        c->written[page] = 1; /* written after T: for the next incremental snapshot */
     if (fresh && hooks && (c->test_flags & SC_TEST_UNPROTECT_BEFORE_SAVE) && c->thread_started) {
         /* wrong on purpose (a test's negative control): the writer goes on before its page is
          * saved, and gets a moment to write into it (the save comes LATE_NS later, from the
@@ -1742,6 +1745,8 @@ int sc_save_page(struct sc *c, uint64_t page)
         return -EINVAL;
     pthread_mutex_lock(&c->mu);
     int r = 0;
+    if (c->written)
+        c->written[page] = 1;
     if (!c->saved[page]) {
         r = save_page(c, page);
         if (r == 0) {
@@ -1799,6 +1804,8 @@ static int claim(struct sc *c, uint64_t off, uint64_t len, uint64_t *runs, int m
 
 static void unprotect_runs(struct sc *c, const uint64_t *runs, int n)
 {
+    if (c->written)
+        return; /* tracking writes: a page saved by the scan stays protected until written */
     int was_empty = c->nbatch == 0;
     for (int i = 0; i < n; i++)
         batch_unprotect(c, runs[2 * i], runs[2 * i + 1] - runs[2 * i]);
@@ -1942,6 +1949,16 @@ int sc_relay_unprotects(struct sc *c)
     c->relay = 1;
     pthread_mutex_unlock(&c->mu);
     return sc_start(c); /* its thread flushes batches */
+}
+
+int sc_track_writes(struct sc *c, unsigned char *written)
+{
+    if (!written || c->obj_fd < 0)
+        return -EINVAL;
+    pthread_mutex_lock(&c->mu);
+    c->written = written;
+    pthread_mutex_unlock(&c->mu);
+    return 0;
 }
 
 void sc_set_test_flags(struct sc *c, int flags)

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define SC_ABI_VERSION 4
+#define SC_ABI_VERSION 5
 
 /* A uffd message as the kernel hands it out (struct uffd_msg). */
 #define SC_MSG_SIZE 32
@@ -92,5 +92,10 @@ int sc_take_fault_saved(struct sc *c, uint64_t *pages, int max);
  * `timeout_ms` (0: not at all) for something to do: for programs that drive the core
  * themselves (the fuzzing harness). -EBUSY while the fault thread runs. */
 int sc_poll(struct sc *c, int timeout_ms);
+/* Write tracking (incremental snapshots): from now on the scan's saves keep their pages
+ * protected (only a write may un-protect a page, so the protection left after the run records
+ * what is written next), and every page a fault is served for gets a 1 in `written` (the
+ * caller's map of ceil(size / page_size) bytes, which must outlive the context). 0, -EINVAL. */
+int sc_track_writes(struct sc *c, unsigned char *written);
 
 #endif
