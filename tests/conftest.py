@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -74,6 +76,16 @@ def shm_path() -> Iterator[str]:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A fresh directory in /dev/shm (tmpfs, as objects live), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="uffdsnap-test-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def make_workload(path: str, nwriters: int, data_pages: int = 512) -> wl.Layout:

@@ -41,7 +41,7 @@ from uffdsnap.procfs import (
     ObjectId,
     SharedObject,
     all_pids,
-    process_comm,
+    process_label,
     process_running,
     read_maps,
 )
@@ -363,7 +363,7 @@ def hidden_mappers(view: ProcView, pfns: dict[int, int], kernel: _KernelPages,
         if not suspects or (round_ + 1 >= rounds and not unsettled):
             break
         if time.monotonic() > deadline and unsettled:
-            names = ", ".join(_name(p) for p in sorted(unsettled)[:3])
+            names = ", ".join(process_label(p) for p in sorted(unsettled)[:3])
             return HiddenCheck(False, f"processes were unmapping the object or exiting while we "
                                       f"compared ({names}): their teardown and a hidden mapper "
                                       "look the same", len(small), skipped)
@@ -451,13 +451,9 @@ def audit(obj: SharedObject, ignore: Iterable[int] = (), sample_pages: int = SAM
 def _audit(view: ProcView, ignored: set[int], hidden: HiddenCheck) -> Audit:
     mappers = view.writable_mappers()
     openers = sorted(view.writable_fds - mappers - ignored)
-    return Audit(tuple(_name(p) for p in openers),
-                 tuple(_name(p) for p in sorted(view.unreadable - ignored)), hidden,
+    return Audit(tuple(process_label(p) for p in openers),
+                 tuple(process_label(p) for p in sorted(view.unreadable - ignored)), hidden,
                  frozenset(mappers))
-
-
-def _name(pid: int) -> str:
-    return f"{pid} ({process_comm(pid)})"
 
 
 class _OwnMapping:

@@ -184,6 +184,11 @@ def process_comm(pid: int) -> str:
         return "?"
 
 
+def process_label(pid: int) -> str:
+    """`PID (comm)`: how reports name a process."""
+    return f"{pid} ({process_comm(pid)})"
+
+
 def process_ids(pid: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(uids, gids, supplementary groups) of a process from /proc/PID/status: uids and gids
     are (real, effective, saved, filesystem). ProcessLookupError if it is gone."""

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,15 +16,6 @@ from chainutil import T0, Chain, edit_manifest, parent_ref, random_chain, write_
 from test_cli import assert_one_line_error, uffdsnap
 
 from uffdsnap.image import load_manifest, manifest_path, manifest_sha256
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="uffdsnap-test-", dir="/dev/shm"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_verify_info_restore_compact_a_ten_link_chain(tmp_path: Path, shm: Path) -> None:

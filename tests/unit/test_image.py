@@ -62,15 +62,6 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="uffdsnap-test-", dir="/dev/shm"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def make_object(pages: int, tail: int = 0, seed: int = 1) -> tuple[bytes, list[tuple[int, int]]]:
     """Object bytes with random pages, zero pages and holes; returns (bytes, saved ranges).
 

@@ -12,9 +12,7 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +62,6 @@ from uffdsnap.image import (
 from uffdsnap.image._chain import segments
 from uffdsnap.image._reader import ChainSources
 from uffdsnap.stream import Encoder, Output, ReceiveResult, encode_image, receive_stream
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="uffdsnap-test-", dir="/dev/shm"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def flip(path: Path, offset: int) -> None:

@@ -28,7 +28,7 @@ from uffdsnap.errors import SnapshotFailed
 from uffdsnap.image import ImageWriter
 from uffdsnap.native.core import SnapCore
 from uffdsnap.native.libc import KernelError
-from uffdsnap.procfs import ScanUnstable, all_pids, parent_pid, process_comm
+from uffdsnap.procfs import ScanUnstable, all_pids, parent_pid, process_label
 from uffdsnap.protocol import MAX_RANGES, Fault, Protect, Release, Unprotect
 from uffdsnap.stats import monotonic_ns
 
@@ -250,7 +250,7 @@ class Run:
                 children = any(parent_pid(pid) in tracked or pid not in attachable
                                for pid in untracked)
                 settled = forks_settled_at is not None and trio.current_time() >= forks_settled_at
-                decision = self.policy.before_t([_name(p) for p in untracked], children,
+                decision = self.policy.before_t([process_label(p) for p in untracked], children,
                                                 coord.attacher is not None, settled)
                 decision = await coord.escape_audit.before_t(self, decision)  # (--strict)
                 log.debug("before T: tracked %s, untracked %s (attachable %s): %s",
@@ -344,10 +344,6 @@ class Run:
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-def _name(pid: int) -> str:
-    return f"{pid} ({process_comm(pid)})"
 
 
 def _summary(run: Run) -> dict[str, Any]:

@@ -110,9 +110,9 @@ class WriteTracking:
         if plan.parent is None and not reasons:
             reasons.append("no parent: no image was published while tracking writes")
         if plan.parent is not None and plan.parent.location != location:
-            here = Parent("", "", 0, location).where()
+            here = f"streamed to {location}" if location else "to a local file"
             reasons.append(f"the previous image was published {plan.parent.where()}, this one "
-                           f"goes {here.replace('as a local file', 'to a local file')}")
+                           f"goes {here}")
         reasons += [f"{name} joined since the previous snapshot (it wrote before it was "
                     "protected)" for key, name in members if key not in self.kept]
         reasons += [g for g in agent_gaps if g]

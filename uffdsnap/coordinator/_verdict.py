@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from uffdsnap.coordinator._peers import Peer
 from uffdsnap.errors import SnapshotFailed
-from uffdsnap.procfs import ScanUnstable, process_comm
+from uffdsnap.procfs import ScanUnstable, process_label
 
 if TYPE_CHECKING:
     from uffdsnap.coordinator._run import Run
@@ -21,7 +21,7 @@ def final_facts(run: Run) -> tuple[dict[Peer, bool], list[str]]:
     skip = coord.test_hooks.get("no_protect") or coord.test_hooks.get("ignore_late_mappers")
     try:
         untracked = [] if skip else [
-            f"{p} ({process_comm(p)})" for p in coord.untracked_writers(run.policy.tracked_pids())
+            process_label(p) for p in coord.untracked_writers(run.policy.tracked_pids())
             if p in run.existed]
     except ScanUnstable as e:
         run.policy.fail(str(e))
