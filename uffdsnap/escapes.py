@@ -1,5 +1,5 @@
 """The escape audit: who could change the object where write-protect cannot see it, looked for
-before T (and by `doctor --shm`). Pure /proc reading; no trio.
+at T (and by `doctor --shm`). Pure /proc reading; no trio.
 
 Two kinds of escape are looked for:
 - **writable openers**: a process that holds the object open for writing (an fd with O_WRONLY

@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 
 from uffdsnap.native.libc import filesystem_type
@@ -260,6 +261,13 @@ def parent_pid(pid: int) -> int:
         return -1
 
 
+def own_age_ns() -> int:
+    """How long this process has run (since its fork, so the interpreter's start-up too), to
+    the kernel's clock tick (10 ms on most systems)."""
+    started = int(_stat_fields(os.getpid())[19]) / os.sysconf("SC_CLK_TCK")
+    return max(0, int((time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1e9))
+
+
 def start_ticks(pid: int) -> int:
     """When the process started, in clock ticks since boot; -1 if it is gone."""
     try:
@@ -311,17 +319,23 @@ def find_mappers(obj: ObjectId, exclude: set[int] | None = None) -> dict[int, li
 
 def _mapper_maps(pid: int, obj: ObjectId, needle: bytes) -> list[Mapping] | None:
     """`pid`'s shared mappings of `obj` ([] if none, or hidden from us); None if it exited
-    before we could read them (its children, if any, may map the object)."""
+    before we could read them (its children, if any, may map the object). (Raw reads: this
+    runs for every process while writers may be held.)"""
     try:
-        with open(f"/proc/{pid}/maps", "rb") as f:
-            raw = f.read()
+        raw = _read_raw(f"/proc/{pid}/maps")
         if raw and needle not in raw:
             return []
-        if not raw and len(os.listdir(f"/proc/{pid}/task")) < 2:
+        if not raw:
             # a kernel thread, or a process that is exiting (its memory already gone)
-            return [] if int(_stat_fields(pid)[6]) & PF_KTHREAD else None
-        # (empty maps with live threads: a zombie leader; mappings_of reads the threads')
-        return mappings_of(pid, obj)
+            stat = _read_raw(f"/proc/{pid}/stat")
+            if int(stat.rsplit(b")", 1)[1].split()[6]) & PF_KTHREAD:
+                return []
+            if len(os.listdir(f"/proc/{pid}/task")) < 2:
+                return None
+            # (empty maps with live threads: a zombie leader; mappings_of reads the threads')
+            return mappings_of(pid, obj)
+        return [m for m in parse_maps(raw.decode(errors="surrogateescape"))
+                if m.object_id == obj and m.shared]
     except PermissionError:
         return []
     except (ProcessLookupError, FileNotFoundError, IndexError, ValueError):
@@ -332,6 +346,18 @@ def _mapper_maps(pid: int, obj: ObjectId, needle: bytes) -> list[Mapping] | None
         if e.errno == errno.EACCES:
             return []
         raise
+
+
+def _read_raw(path: str) -> bytes:
+    """All of a /proc file, without a Python file object around it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

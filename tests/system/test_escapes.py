@@ -1,4 +1,4 @@
-"""The escape audit before T (uffdsnap/escapes.py), end to end: real writers, real processes
+"""The escape audit at T (uffdsnap/escapes.py), end to end: real writers, real processes
 that hold the object open, a real mapper in another PID namespace, the real `snapshot`,
 `coordinator` and `doctor` commands. Each finding has its control: the same setup without the
 escape (a read-only opener; the other namespace's mapper seen from where it is visible) reports
@@ -103,7 +103,7 @@ def test_a_read_only_opener_is_not_reported(shm_path: str, workload: list[Any],
 
 def test_strict_refuses_a_writable_opener(shm_path: str, workload: list[Any],
                                           tmp_path: Path) -> None:
-    """--strict fails the snapshot before T with the finding as the one error line: nothing
+    """--strict fails the snapshot (after the copy) with the finding as the one error line: nothing
     published, every writer released."""
     holder = opener(shm_path, "<>")
     out = tmp_path / "a.img"

@@ -102,13 +102,38 @@ def test_delegated_faults_are_held_until_t_then_saved_and_woken(writer: Writer, 
         assert writer.report(QUIET) is None  # held: T is not declared yet
         core.go()
         assert writer.report() == f"wrote {2 * PAGE + 5} {0x77}"
-        assert os.pread(image, PAGE, 2 * PAGE) == bytes([3]) * PAGE  # its content at T
         assert core.saved[2] == 1
         writer.write(2 * PAGE + 6, 0x78)  # saved and un-protected: no fault any more
         assert writer.report() == f"wrote {2 * PAGE + 6} {0x78}"
+        core.stop()  # (a faulted page may wait in memory until then)
+        assert os.pread(image, PAGE, 2 * PAGE) == bytes([3]) * PAGE  # its content at T
         stats = core.stats()
         assert (stats.faults, stats.fault_pages_saved) == (1, 1)
         assert sum(n for _, n in stats.service_buckets) == 1
+    finally:
+        core.close()
+
+
+@needs_root
+def test_a_faulted_page_waiting_in_memory_reaches_the_image_before_it_is_read(
+        writer: Writer, memfd: int, image: int) -> None:
+    """A fault's page is saved into memory (not the image, whose writes the copy holds up) and
+    un-protected; a copy window over it reads it back as it was at T (the window's pages saved
+    before are in the image by then), and stop() leaves every saved page in the image."""
+    core = SnapCore(memfd, image, SIZE, PAGE)
+    try:
+        core.add(1, writer.fd, [(writer.address, SIZE, 0)])
+        core.go()
+        for page in (1, 3):
+            writer.write(page * PAGE, 0x55)
+            assert writer.report() == f"wrote {page * PAGE} {0x55}"
+        assert core.stats().fault_pages_saved == 2
+        buf = bytearray(2 * PAGE)
+        assert core.copy_window(0, 2 * PAGE, buf) == [(0, PAGE)]
+        assert bytes(buf) == bytes([1]) * PAGE + bytes([2]) * PAGE  # page 1: at T, not 0x55
+        assert os.pread(image, 2 * PAGE, 0) == bytes(buf)
+        core.stop()
+        assert os.pread(image, PAGE, 3 * PAGE) == bytes([4]) * PAGE
     finally:
         core.close()
 
@@ -129,7 +154,6 @@ def test_coordinator_channel_answers_a_fault_with_a_protocol_unprotect(writer: W
         frame = read_frame(ours)
         assert frame == fixed_frame("unprotect", ranges=(5 * PAGE, PAGE))
         assert protocol.decode(frame[4:]) == protocol.Unprotect(((5 * PAGE, PAGE),))
-        assert os.pread(image, PAGE, 5 * PAGE) == bytes([6]) * PAGE
         writer.write(5 * PAGE, 1)  # un-protected in the delegated uffd too
         assert writer.report() == f"wrote {5 * PAGE} 1"
         # pages saved by faults and by the scan reach every channel in coalesced batches
@@ -141,6 +165,8 @@ def test_coordinator_channel_answers_a_fault_with_a_protocol_unprotect(writer: W
             (off, length), = msg.ranges
             covered |= set(range(off // PAGE, (off + length) // PAGE))
         assert covered <= {5, 6}
+        core.stop()  # (a faulted page may wait in memory until then)
+        assert os.pread(image, PAGE, 5 * PAGE) == bytes([6]) * PAGE
     finally:
         core.close()
         ours.close()
@@ -219,6 +245,7 @@ def test_a_page_is_saved_once_for_every_process(memfd: int, image: int) -> None:
         stats = core.stats()
         assert stats.fault_pages_saved == 1
         assert stats.faults - stats.duplicates == 1
+        core.stop()
         assert os.pread(image, PAGE, 4 * PAGE) == bytes([5]) * PAGE
     finally:
         core.close()

@@ -59,16 +59,31 @@ async def _join(chan: Channel, pid: int, mode: str) -> Welcome:
     return msg
 
 
+def register_stopped(uffd: int, pid: int, obj: ObjectId) -> None:
+    """Enable the features and register every shared mapping of `obj` in `pid`, which the
+    injection holds stopped (create_uffd_in's `while_stopped`): from here on its forks are
+    ours from birth, so a process that forks its successor and exits within milliseconds is
+    followed, not chased. (The agent then registers again, which changes nothing.) A failure
+    to register is left for protecting to report, or to find the process gone."""
+    negotiate(uffd)
+    try:
+        Tracker(uffd, pid, obj, page_size=0).register_all()
+    except (KernelError, OSError) as e:
+        log.debug("registering pid %s while it is stopped: %s", pid, e)
+
+
 async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
                     on_joined: Callable[[], None] | None = None,
                     test_hooks: testhooks.Hooks | None = None,
-                    handle_signals: bool = True, coordinator_uid: int | None = None) -> str:
+                    handle_signals: bool = True, coordinator_uid: int | None = None,
+                    negotiated: bool = False) -> str:
     """Track process `pid` through `uffd` (which this call now owns) for `coordinator`.
 
     Returns why it ended ("process exited", "coordinator closed the connection", ...). Whatever
     happens, every tracked process is left un-protected and unregistered and every uffd closed.
     (`handle_signals`: end on SIGTERM/SIGINT/SIGHUP; an agent host handles them once for all.
-    `coordinator_uid`: a user besides root and ours whom we trust to listen at `coordinator`.)
+    `coordinator_uid`: a user besides root and ours whom we trust to listen at `coordinator`.
+    `negotiated`: register_stopped enabled the features already.)
     """
     try:
         pidfd = pidfd_open(pid)
@@ -77,7 +92,8 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
         raise
     agent = Agent(pid, test_hooks, handle_signals=handle_signals)
     try:
-        negotiate(uffd)
+        if not negotiated:
+            negotiate(uffd)
         snapcore.load()  # now, not inside a protect phase, where writers may be waiting
         chan = await connect(coordinator, Role.AGENT, coordinator_uid)
         try:
@@ -116,4 +132,4 @@ def _register_early(tracker: Tracker) -> None:
         log.debug("registering pid %s early: %s", tracker.pid, e)
 
 
-__all__ = ["Agent", "WANTED_FEATURES", "negotiate", "report", "run_agent"]
+__all__ = ["Agent", "WANTED_FEATURES", "negotiate", "register_stopped", "report", "run_agent"]

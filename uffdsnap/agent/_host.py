@@ -1,10 +1,12 @@
 """An agent host: one process that is the agent of many targets for one coordinator.
 
 A coordinator that attaches starts one host and asks it, line by line on its stdin, to attach
-targets (`attach PID`); the host injects into several at once (each injection in a thread of
-its own), runs each target's agent in its own task, and answers on stdout (`joined PID`,
-`failed PID REASON`, `ended PID REASON`). Starting an interpreter is paid once per coordinator,
-not per target: attaching costs the injection and a handshake, a few milliseconds.
+targets (`attach PID MAJOR MINOR INODE`: the target and the object's identity); the host
+injects into several at once (each injection in a thread of its own), registers the target's
+mappings of the object before the target runs again, runs each target's agent in its own task,
+and answers on stdout (`joined PID`, `failed PID REASON`, `ended PID REASON`). Starting an
+interpreter is paid once per coordinator, not per target: attaching costs the injection and a
+handshake, a few milliseconds.
 
 Guarantees, as for one agent per process: each target's uffd is held by this process alone, so
 the host's death (killed, crashed, or its coordinator gone: stdin at EOF) releases every target
@@ -13,6 +15,7 @@ it holds; one target's failure ends only that target's agent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -25,10 +28,15 @@ import trio
 from uffdsnap import testhooks
 from uffdsnap.errors import UserError
 from uffdsnap.native.libc import KernelError, set_process_name
+from uffdsnap.procfs import ObjectId
 
 log = logging.getLogger(__name__)
 
 HOST_NAME = "uffdsnap-agents"  # a forked host's process name (/proc/PID/comm)
+# Injections at once. Each mostly waits for its target to be scheduled (a busy target on a
+# crowded CPU waits its turn for each step it must run), so they overlap well beyond the CPU
+# count; trio's default of 40 threads made 64 targets take two rounds of those waits.
+INJECTIONS_AT_ONCE = 128
 
 
 async def run_host(coordinator: str, test_hooks: testhooks.Hooks,
@@ -41,14 +49,18 @@ async def run_host(coordinator: str, test_hooks: testhooks.Hooks,
     from uffdsnap.native import core as snapcore
 
     snapcore.load()
+    injections = trio.CapacityLimiter(INJECTIONS_AT_ONCE)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_end_on_signal, nursery.cancel_scope)
         async for line in _lines(trio.lowlevel.FdStream(sys.stdin.fileno())):
             words = line.split()
-            if len(words) == 2 and words[0] == "attach" and words[1].isdigit():
-                nursery.start_soon(_serve_target, coordinator, int(words[1]), test_hooks, say)
+            if (len(words) in (2, 5) and words[0] == "attach"
+                    and all(w.isdigit() for w in words[1:])):
+                obj = ObjectId(*map(int, words[2:])) if len(words) == 5 else None
+                nursery.start_soon(_serve_target, coordinator, int(words[1]), obj, test_hooks,
+                                   say, injections)
             else:
-                say(f"error {line[:80]!r}: expected `attach PID`")
+                say(f"error {line[:80]!r}: expected `attach PID [MAJOR MINOR INODE]`")
         nursery.cancel_scope.cancel()  # the coordinator is done with us
 
 
@@ -87,14 +99,23 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-async def _serve_target(coordinator: str, pid: int, hooks: testhooks.Hooks,
-                        say: Callable[[str], None]) -> None:
-    from uffdsnap.agent import run_agent
+async def _serve_target(coordinator: str, pid: int, obj: ObjectId | None,
+                        hooks: testhooks.Hooks, say: Callable[[str], None],
+                        injections: trio.CapacityLimiter) -> None:
+    """Inject, then run the target's agent. With the object's identity, the target's mappings
+    of it are registered before it runs again (agent.register_stopped)."""
+    from uffdsnap.agent import register_stopped, run_agent
     from uffdsnap.inject import create_uffd_in
+
+    def while_stopped(uffd: int) -> None:
+        if obj is not None:
+            register_stopped(uffd, pid, obj)
 
     t0 = time.monotonic()
     try:
-        uffd, route = await trio.to_thread.run_sync(create_uffd_in, pid)
+        uffd, route = await trio.to_thread.run_sync(
+            functools.partial(create_uffd_in, pid, while_stopped=while_stopped),
+            limiter=injections)
     except (UserError, KernelError, OSError) as e:
         say(f"failed {pid} {_one_line(e)}")
         return
@@ -107,7 +128,8 @@ async def _serve_target(coordinator: str, pid: int, hooks: testhooks.Hooks,
 
     try:
         reason = await run_agent(coordinator, pid, uffd, "attach", on_joined=joined,
-                                 test_hooks=hooks, handle_signals=False)
+                                 test_hooks=hooks, handle_signals=False,
+                                 negotiated=obj is not None)
     except Exception as e:  # contained: the other targets' agents go on
         log.error("agent for pid %d: %s", pid, _one_line(e),
                   exc_info=log.isEnabledFor(logging.DEBUG))

@@ -122,6 +122,9 @@ async def on_release(agent: Agent, chan: Channel, msg: Release) -> None:
         if tracker.pid is None and tracker.born_in_snapshot:
             agent.unnamed_children += 1  # tracked, never named (see find_child)
     agent.releasing = False
+    # what we track now, before `released` (the coordinator's last look follows it): a child
+    # that a task of ours named just now may not have said so yet
+    await agent._report_tracked()
     await chan.send(Released(msg.snapshot, agent.log.faults, agent.log.hist.buckets(),
                              agent.log.hist.max_ns, tuple(escapes[:MAX_TEXTS]),
                              agent.unnamed_children))

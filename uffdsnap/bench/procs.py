@@ -9,6 +9,7 @@ pages we reserved are given back. Writers and the native handler also die with t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -383,15 +385,27 @@ class Handler:
     dest: str
 
 
-def start_handler(ws: Workspace, obj: BenchObject, nprocs: int) -> Handler:
-    """The native reference handler, listening for `nprocs` writers' uffds."""
+def start_handler(ws: Workspace, obj: BenchObject, nprocs: int, nice: int = 0) -> Handler:
+    """The native reference handler, listening for `nprocs` writers' uffds, at priority `nice`
+    (ours runs at the same: see BenchConfig.nice)."""
     sock = ws.temp_path("handler.sock", ws.log_dir)
     dest = ws.temp_path("native")
     proc = ws.start([str(devbuild.build("bench_handler")), "--listen", sock, "--procs",
                      str(nprocs), "--object", obj.path, "--dest", dest],
-                    stdin=subprocess.PIPE)
+                    stdin=subprocess.PIPE, preexec_fn=_niced(nice))
     expect(proc, "listening", "the native handler")
     return Handler(proc, sock, dest)
+
+
+def _niced(nice: int) -> Callable[[], None] | None:
+    """A preexec_fn taking priority `nice` in the child (best effort: only root may raise it)."""
+    if not nice:
+        return None
+
+    def apply() -> None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    return apply
 
 
 def handler_ready(h: Handler) -> None:
@@ -420,12 +434,15 @@ def run_native(ws: Workspace, h: Handler, timeout: float) -> dict[str, Any]:
     return result
 
 
-def run_ours(ws: Workspace, obj: BenchObject, mode: str, timeout: float) -> dict[str, Any]:
-    """One of our snapshots of `obj` in `mode`, as its own process (uffdsnap.bench.snaprun)."""
+def run_ours(ws: Workspace, obj: BenchObject, mode: str, timeout: float,
+             nice: int = 0) -> dict[str, Any]:
+    """One of our snapshots of `obj` in `mode`, as its own process (uffdsnap.bench.snaprun),
+    at priority `nice` (as `uffdsnap snapshot --nice`)."""
     out = ws.temp_path(f"{mode}.img")
     t_launch = now_ns()
     proc = ws.start([sys.executable, "-P", "-m", "uffdsnap.bench.snaprun", "--object", obj.path,
-                     "--output", out, "--mode", mode, "--timeout", str(timeout)])
+                     "--output", out, "--mode", mode, "--timeout", str(timeout),
+                     "--nice", str(nice)])
     try:
         stdout, stderr = proc.communicate(timeout=timeout + 30)
     except subprocess.TimeoutExpired:

@@ -115,7 +115,7 @@ def run_session(ws: P.Workspace, cfg: BenchConfig, s: Session, say: Say) -> dict
         f"writers at {s.rate:g} writes/s" if s.rate else "writers flat out"
     say(f"  {s.label}: {how}; events: {', '.join(s.events)}")
     obj = P.create_object(ws, s.kind, s.size)
-    handler = P.start_handler(ws, obj, s.procs) if "native" in s.events else None
+    handler = P.start_handler(ws, obj, s.procs, cfg.nice) if "native" in s.events else None
     writers: list[P.Writer] = []
     try:
         writers = P.start_writers(ws, obj, s.procs, rate=s.rate, probe=s.probe, idle=s.idle,
@@ -168,7 +168,7 @@ def _run_event(ws: P.Workspace, cfg: BenchConfig, name: str, obj: P.BenchObject,
     if name == "native":
         assert handler is not None
         return P.run_native(ws, handler, cfg.timeout_s)
-    return P.run_ours(ws, obj, name, cfg.timeout_s)
+    return P.run_ours(ws, obj, name, cfg.timeout_s, cfg.nice)
 
 
 def _brief(name: str, ev: dict[str, Any]) -> str:

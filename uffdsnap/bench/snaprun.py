@@ -1,19 +1,22 @@
 """One of our snapshots, in a process of its own, for the bench: the coordinator's summary plus
 the clock anchors and resource usage the bench needs.
 
-    python -m uffdsnap.bench.snaprun --object SPEC --output OUT.img --mode agents
+    python -m uffdsnap.bench.snaprun --object SPEC --output OUT.img --mode agents [--nice N]
 
 This is `uffdsnap snapshot --shm SPEC` (uffdsnap.hosted.attach_and_snapshot) with the
 coordinator built from the bench's mode table, so each mode in uffdsnap.bench.config.MODES runs
 through the same code. It prints one JSON object: the summary, T on CLOCK_MONOTONIC (the writers'
 clock), and getrusage of this process (the coordinator) and of its reaped children (the attach
-agents). Run in its own process so that its CPU time and peak RSS are the coordinator's alone.
+agents). Run in its own process so that its CPU time and peak RSS are the coordinator's alone,
+at the priority the command takes (--nice, as `uffdsnap snapshot --nice`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -59,6 +62,14 @@ def peak_rss_bytes() -> int:
     return 0
 
 
+def set_nice(nice: int) -> None:
+    """Take the priority `uffdsnap snapshot --nice` would (best effort, as there: only root may
+    raise it); the agents we start inherit it."""
+    if nice:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Take one snapshot and print the JSON result; exit 2 for a bad object, 1 if it failed."""
     parser = argparse.ArgumentParser(prog="python -m uffdsnap.bench.snaprun")
@@ -66,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--mode", required=True, choices=sorted(MODES))
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--nice", type=int, default=0)
     args = parser.parse_args(argv)
+    set_nice(args.nice)
     try:
         obj = open_object(args.object)
     except ObjectError as e:

@@ -20,7 +20,7 @@ def human_summary(s: dict[str, Any]) -> str:
         f"snapshot {s.get('image', '')}: {size_text(s['object_size'])} at {s['snapshot_time']}",
         *_incremental_lines(s),
         f"  processes    {nproc} tracked, {ngone} exited during the snapshot; agents joined in "
-        f"{ns_text(s.get('join_ns', 0))}",
+        f"{ns_text(s.get('join_ns', 0))}; request to T {ns_text(s.get('request_to_t_ns', 0))}",
         f"  start pause  protect phase {ns_text(s['protect_phase_ns'])} (kernel protect max "
         f"{ns_text(s['kernel_protect_max_ns'])}), longest held fault "
         f"{ns_text(s['start_pause_max_ns'])}",

@@ -29,6 +29,7 @@ _REFUSE_S = 1.0  # how long a refused peer gets to read why
 # doubling up to the last) and try again
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _BACKOFF_S = (0.01, 1.0)
+_QUIET_S = 1.0  # an outage within this of the last one's end is the same (see _Backoff)
 # accept() failing for that one connection only (its peer gone, or refused by a security
 # module): on to the next (as trio's own SocketListener does)
 _CONNECTION_LOST = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)
@@ -113,20 +114,34 @@ class Doorman:
 
 
 class _Backoff:
-    """Waits between accept() attempts while descriptors (or memory) run out, said once."""
+    """Waits between accept() attempts while descriptors (or memory) run out, said once per
+    outage. An outage that starts again within _QUIET_S of the last one's end (a connection we
+    drop for want of a descriptor frees one, which the next accept takes) is said only if it
+    lasts _QUIET_S, so a sustained exhaustion logs one pair of lines, not one per drop."""
 
     def __init__(self) -> None:
         self.delay = 0.0
+        self.said = False  # this outage was logged
+        self.started_at = 0.0  # when this outage started (trio clock)
+        self.ended_at = -_QUIET_S  # when the last outage ended
 
     async def wait(self, error: OSError, connection_ended: trio.Event) -> None:
+        now = trio.current_time()
         if not self.delay:
+            self.started_at = now
+        if not self.said and (now - self.ended_at >= _QUIET_S
+                              or now - self.started_at >= _QUIET_S):
             log.warning("cannot accept connections: %s; waiting for descriptors to be freed",
                         error.strerror or error)
+            self.said = True
         self.delay = min(max(self.delay * 2, _BACKOFF_S[0]), _BACKOFF_S[1])
         with trio.move_on_after(self.delay):
             await connection_ended.wait()
 
     def reset(self) -> None:
         if self.delay:
-            log.warning("accepting connections again")
+            if self.said:
+                log.warning("accepting connections again")
+            self.said = False
+            self.ended_at = trio.current_time()
         self.delay = 0.0

@@ -24,7 +24,7 @@ import trio
 from uffdsnap import testhooks
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.native.pidfd import pidfd_open
-from uffdsnap.procfs import process_running
+from uffdsnap.procfs import ObjectId, process_running
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,11 @@ def agent_command(coordinator: str, *args: str) -> list[str]:
 class Attacher:
     """The agent host of one coordinator and the targets it was asked for."""
 
-    def __init__(self, coordinator_path: str, test_hooks: testhooks.Hooks | None = None,
-                 forked: ForkedHost | None = None):
+    def __init__(self, coordinator_path: str, object_id: ObjectId,
+                 test_hooks: testhooks.Hooks | None = None, forked: ForkedHost | None = None):
         self.coordinator_path = coordinator_path
+        # (the host registers a target's mappings of it before the target runs again)
+        self.object_id = object_id
         self.test_hooks = test_hooks  # passed on to the host's agents (tests only)
         self.targets: dict[int, Target] = {}
         self.host: trio.Process | ForkedHost | None = None
@@ -101,7 +103,9 @@ class Attacher:
             self.targets[target.pid] = target
         assert host.stdin is not None
         try:
-            await host.stdin.send_all("".join(f"attach {t.pid}\n" for t in new).encode())
+            o = self.object_id
+            await host.stdin.send_all("".join(f"attach {t.pid} {o.major} {o.minor} {o.inode}\n"
+                                              for t in new).encode())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             for target in new:
                 self._end(target, f"the agent host is gone ({e})")

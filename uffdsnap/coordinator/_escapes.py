@@ -29,16 +29,21 @@ class EscapeAuditor:
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict  # refuse a snapshot whose audit found an escape
         self._last: tuple[int, dict[str, Any]] | None = None  # (run id, report)
-        # the audit started early (see start): its run, and set when it is done
+        # the audit armed for a run (see arm): its run, and set when it is done
         self._early: tuple[int, trio.Event] | None = None
 
-    async def start(self, run: Run) -> None:
-        """Audit while the agents protect and the copy runs (a task of the run's): the look
-        takes tens of milliseconds, which held writers would wait out if T waited for it.
-        before_t does not wait for it; after_copy does (--strict then fails the snapshot,
-        which publishes nothing, as a refusal before T would)."""
-        done = trio.Event()
-        self._early = (run.id, done)
+    def arm(self, run: Run) -> None:
+        """This run is audited beside its copy (audit_armed, started at T): before_t does not
+        audit it on the way to T, where the look (tens of milliseconds of CPU) would compete
+        with the agents' protect for the CPUs and held writers would wait it out. after_copy
+        waits for it (--strict then fails the snapshot, which publishes nothing, as a refusal
+        before T would)."""
+        self._early = (run.id, trio.Event())
+
+    async def audit_armed(self, run: Run) -> None:
+        """The audit armed for `run` (a task of the run's, started at T)."""
+        assert self._early is not None and self._early[0] == run.id
+        done = self._early[1]
         try:
             await self._audit(run)
         finally:
@@ -46,7 +51,7 @@ class EscapeAuditor:
 
     async def before_t(self, run: Run, decision: BeforeT) -> BeforeT:
         """`decision` as the policy made it, unless it is to declare T and no audit of this
-        run was started early: then audit now (once per run); --strict refuses what the audit
+        run was armed: then audit now (once per run); --strict refuses what the audit
         found (FAIL, the run failed with the finding as its reason); a writable mapper the
         audit's look found untracked (it appeared since the loop's look) has the loop look
         again (ATTACH)."""
@@ -65,7 +70,7 @@ class EscapeAuditor:
         return BeforeT.ATTACH if newcomers else decision
 
     async def after_copy(self, run: Run) -> None:
-        """The audit started early is done (bounded by its budget); --strict fails the run on
+        """The armed audit is done (bounded by its budget); --strict fails the run on
         what it found."""
         if self._early is None or self._early[0] != run.id:
             return

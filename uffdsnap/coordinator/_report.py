@@ -49,7 +49,10 @@ def summary(*, mode: str, obj: SharedObject, timeline: Timeline, core: CoreStats
         "processes_gone": gone,
         "join_ns": (t.protect or t.t_mono) - t.start,
         "protect_phase_ns": t.t_mono - (t.protect or t.t_mono),
+        "request_to_t_ns": t.t_mono - t.start,
         "kernel_protect_max_ns": max((p["protect_ns"] for p in processes), default=0),
+        # (every process's, back to back: what one protector needs, as the native handler)
+        "kernel_protect_total_ns": sum(p["protect_ns"] for p in processes),
         "start_pause_max_ns": max(held_wait_max_ns, core.held_wait_max_ns),
         "faults": faults + core.faults,
         "fault_channels": fault_channels,

@@ -176,15 +176,15 @@ class Run:
                     nursery.start_soon(_cancel_on, self.failed, scope)
                     nursery.start_soon(self.link.serve_events, self._channel_lost)
                     nursery.start_soon(watch_deadline, self)  # no writer waits on us longer
-                    if coord.attacher is not None:
+                    if coord.attacher is not None and not coord.peers:
                         with contextlib.suppress(ScanUnstable):  # (the look before T decides)
-                            await coord.attach(coord.attachable(
-                                coord.untracked_writers(self._peer_pids())))
+                            await coord.attach_first()
                     await test_pause(self, "joining")
-                    nursery.start_soon(coord.escape_audit.start, self)  # (T does not wait)
+                    coord.escape_audit.arm(self)  # (it runs beside the copy: T does not wait)
                     await self._protect()
                     t.t_mono, t.t_wall = monotonic_ns(), time.time_ns()
                     self._declare_t()
+                    nursery.start_soon(coord.escape_audit.audit_armed, self)
                     await test_pause(self, "copying")
                     await self._copy()
                     await coord.escape_audit.after_copy(self)  # (--strict may fail us)
@@ -213,9 +213,6 @@ class Run:
             self.fail(f"the object changed size {when} ({obj.size} -> {size} bytes): it has no "
                       "one state to save; snapshot it again (a long-running coordinator: "
                       "restart it)")
-
-    def _peer_pids(self) -> set[int]:
-        return {pid for p in self.coord.peers for pid in p.pids}
 
     async def _protect(self) -> None:
         """Protect every member; before T, make sure no writable mapper is left untracked

@@ -84,7 +84,8 @@ class Coordinator:
         self.test_hooks: testhooks.Hooks = test_hooks or {}
         # With attach_path (this coordinator's own socket), every writable mapper without an
         # agent gets an attach agent at each snapshot, for the duration of that snapshot.
-        self.attacher = (Attacher(attach_path, self.test_hooks.get("agent"), agent_host)
+        self.attacher = (Attacher(attach_path, obj.object_id, self.test_hooks.get("agent"),
+                                  agent_host)
                          if attach_path else None)
         # Delegated mode: agents hand us copies of their uffds while protected; our native
         # core reads their faults and un-protects directly, with no message round trips.
@@ -262,6 +263,16 @@ class Coordinator:
         """Those of `pids` an agent could attach to: not already registered with a uffd (a
         child of a tracked process, which its agent is about to report)."""
         return [pid for pid in pids if not registered_mapper(pid, self.obj.object_id)]
+
+    async def attach_first(self) -> None:
+        """Attach every writable mapper, none of them tracked yet (a one-shot snapshot, or a
+        long-running coordinator's first; later ones go straight to protect, and the look
+        before T attaches a newcomer while the others wait, as one that maps the object during
+        the protect). Nothing is tracked, so none can be a tracked process's child: they are not
+        asked whether they are registered already (/proc/PID/smaps walks every page table: 2 ms
+        a process); one that another userfaultfd user registered fails its attach (EBUSY), which
+        fails the snapshot. ScanUnstable if /proc would not hold still."""
+        await self.attach(self.untracked_writers(set()))
 
     async def attach(self, pids: list[int]) -> None:
         """Start attach agents for `pids` and wait until each has joined or its process is gone."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -148,7 +148,8 @@ def injected(pid: int, tid: int | None = None,
 
 def create_uffd_in(pid: int, flags: int = os.O_NONBLOCK | os.O_CLOEXEC,
                    timeout: float = DEFAULT_TIMEOUT,
-                   test_hooks: testhooks.Hooks | None = None) -> tuple[int, str]:
+                   test_hooks: testhooks.Hooks | None = None,
+                   while_stopped: Callable[[int], None] | None = None) -> tuple[int, str]:
     """Create a userfaultfd that acts on process `pid`'s address space and return it as
     (fd in our process, route), route "syscall" or "device".
 
@@ -159,6 +160,10 @@ def create_uffd_in(pid: int, flags: int = os.O_NONBLOCK | os.O_CLOEXEC,
     of the target stays stopped from before the first of those fds exists in it until the last
     is closed, so no thread of it can keep the device fd or a copy of the uffd. (Test hook
     `lend_unfrozen` leaves them running, to show that they could.)
+
+    `while_stopped(our fd)` runs before any thread of the target runs again: what it registers
+    is in place before the target can fork or exit (an attach converges on a fork chain instead
+    of chasing it). Its exceptions end the injection like any other.
     """
     if flags & _uffd.UFFD_USER_MODE_ONLY:
         raise ValueError("UFFD_USER_MODE_ONLY breaks kernel-mode writes into protected memory")
@@ -171,6 +176,8 @@ def create_uffd_in(pid: int, flags: int = os.O_NONBLOCK | os.O_CLOEXEC,
             theirs, route = _make_uffd(target, flags)
             ours = target.take_fd(theirs)
             target.close_fd(theirs)
+            if while_stopped is not None:
+                while_stopped(ours)
             if held:
                 target.resume_other_threads()
         return ours, route

@@ -54,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_mode_argument(parser)
     add_nice_argument(parser)
     parser.add_argument("--strict", action="store_true",
-                        help="refuse every snapshot whose escape audit (before T) finds a "
+                        help="refuse every snapshot whose escape audit (at T) finds a "
                              "process that could write to the object untracked "
                              "(docs/tracking.md)")
     parser.add_argument("--attach", action="store_true",

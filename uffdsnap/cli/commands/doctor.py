@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="longest wait on each probe process (default: 10)")
     parser.add_argument("--shm", metavar="OBJECT",
-                        help="also audit this object now, as a snapshot does before T: "
+                        help="also audit this object now, as a snapshot does at T: "
                              "processes that hold it open for writing without mapping it, and "
                              "mappers we cannot see (another PID namespace)")
 

@@ -23,7 +23,7 @@ from uffdsnap.cli.summary import human_summary
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.image import check_replaceable, manifest_path, open_unnamed, publish_unnamed
 from uffdsnap.native.core import FAULT_DEADLINE_MS
-from uffdsnap.procfs import ObjectError, open_object
+from uffdsnap.procfs import ObjectError, open_object, own_age_ns
 from uffdsnap.protocol import (
     PROTOCOL_VERSION,
     Abort,
@@ -61,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            "exit 0 once it has published the image (docs/stream-format.md)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT.img")
     parser.add_argument("--strict", action="store_true",
-                        help="refuse (before T: nothing published, writers released) when the "
+                        help="refuse (nothing published, writers released) when the "
                              "escape audit finds a process that could write to the object "
                              "untracked: one holding it open for writing without mapping it, "
                              "or one we cannot see that maps it (docs/tracking.md)")
@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                            args.incremental, user_id(args.coordinator_user))
     if progress:
         progress.done()
+    summary["command_wall_ns"] = own_age_ns()  # (what the user waited, start-up included)
     if stream is None:
         summary["image"] = output
         emit(args.json, summary, _summary_text(summary))
