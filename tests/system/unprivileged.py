@@ -223,7 +223,9 @@ def root_coordinator(shm_path: str, *options: str,
     where = tempfile.mkdtemp(prefix="uffdsnap-trust-")  # (pytest's tmp_path is root's alone)
     os.chmod(where, 0o711)
     sock = os.path.join(where, "c.sock")
-    with tempfile.TemporaryFile("w+") as log:
+    # (appending: the coordinator's stderr shares this file's offset with us, and logged()
+    # seeks to 0 to read; without O_APPEND its next lines overwrite the first ones)
+    with tempfile.TemporaryFile("a+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "uffdsnap", "coordinator", "--shm",
                                  shm_path, "--listen", sock, "--socket-group", str(NOBODY),
                                  *options], stdout=subprocess.PIPE, stderr=log, text=True,
