@@ -167,7 +167,11 @@ def _task_files(pid: int, name: str) -> list[str]:
 
 def mappings_of(pid: int, obj: ObjectId) -> list[Mapping]:
     """Shared mappings of `obj` in process `pid` (private mappings never write to the object)."""
-    return [m for m in read_maps(pid) if m.object_id == obj and m.shared]
+    return _shared_of(read_maps(pid), obj)
+
+
+def _shared_of(maps: list[Mapping], obj: ObjectId) -> list[Mapping]:
+    return [m for m in maps if m.object_id == obj and m.shared]
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -264,7 +268,7 @@ def parent_pid(pid: int) -> int:
 def own_age_ns() -> int:
     """How long this process has run (since its fork, so the interpreter's start-up too), to
     the kernel's clock tick (10 ms on most systems)."""
-    started = int(_stat_fields(os.getpid())[19]) / os.sysconf("SC_CLK_TCK")
+    started = start_ticks(os.getpid()) / os.sysconf("SC_CLK_TCK")
     return max(0, int((time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1e9))
 
 
@@ -334,8 +338,7 @@ def _mapper_maps(pid: int, obj: ObjectId, needle: bytes) -> list[Mapping] | None
                 return None
             # (empty maps with live threads: a zombie leader; mappings_of reads the threads')
             return mappings_of(pid, obj)
-        return [m for m in parse_maps(raw.decode(errors="surrogateescape"))
-                if m.object_id == obj and m.shared]
+        return _shared_of(parse_maps(raw.decode(errors="surrogateescape")), obj)
     except PermissionError:
         return []
     except (ProcessLookupError, FileNotFoundError, IndexError, ValueError):

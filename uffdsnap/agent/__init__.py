@@ -63,8 +63,8 @@ def register_stopped(uffd: int, pid: int, obj: ObjectId) -> None:
     """Enable the features and register every shared mapping of `obj` in `pid`, which the
     injection holds stopped (create_uffd_in's `while_stopped`): from here on its forks are
     ours from birth, so a process that forks its successor and exits within milliseconds is
-    followed, not chased. (The agent then registers again, which changes nothing.) A failure
-    to register is left for protecting to report, or to find the process gone."""
+    followed, not chased (the agent then skips its own early registration). A failure to
+    register is left for protecting to report, or to find the process gone."""
     negotiate(uffd)
     try:
         Tracker(uffd, pid, obj, page_size=0).register_all()
@@ -83,7 +83,7 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
     happens, every tracked process is left un-protected and unregistered and every uffd closed.
     (`handle_signals`: end on SIGTERM/SIGINT/SIGHUP; an agent host handles them once for all.
     `coordinator_uid`: a user besides root and ours whom we trust to listen at `coordinator`.
-    `negotiated`: register_stopped enabled the features already.)
+    `negotiated`: register_stopped enabled the features and registered already.)
     """
     try:
         pidfd = pidfd_open(pid)
@@ -106,7 +106,7 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
             agent.object_id = obj
             tracker = Tracker(uffd, pid, obj, welcome.page_size, pidfd=pidfd)
             uffd = pidfd = -1  # the tracker owns them now
-            if mode == "attach":  # (joined for a snapshot that is about to protect)
+            if mode == "attach" and not negotiated:  # (register_stopped did, if negotiated)
                 _register_early(tracker)
             agent.add(tracker)
             if on_joined is not None:
