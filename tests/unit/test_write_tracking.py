@@ -122,3 +122,27 @@ def test_delta_windows_cover_written_runs_and_optionally_the_gaps() -> None:
                          (5 * PS, 4 * PS, None), (9 * PS, 100, True)]
     # together they cover the object exactly once
     assert sum(length for _, length, _ in with_gaps) == size
+
+
+def test_pages_a_remove_event_named_are_kept_as_runs_and_looked_at_for_holes() -> None:
+    """(The punch of a MADV_REMOVE comes after its event is read: the coordinator keeps the
+    pages it named and looks for holes in them until the copy is over.)"""
+    import os
+
+    from uffdsnap.coordinator._removing import first_hole, page_runs
+    from uffdsnap.native.fileops import punch_hole
+
+    assert page_runs([], [5, 3, 4, 9]) == [(3, 6), (9, 10)]
+    assert page_runs([(3, 6), (9, 10)], [6, 8, 2]) == [(2, 7), (8, 10)]
+    fd = os.memfd_create("removing")
+    try:
+        os.ftruncate(fd, 4 * PS)
+        os.pwrite(fd, b"\x01" * (4 * PS), 0)
+        assert first_hole(fd, 0, 4 * PS) is None
+        assert first_hole(fd, 4 * PS, 5 * PS) is None  # past the end: the size check's
+        punch_hole(fd, 2 * PS, PS)  # (as MADV_REMOVE does)
+        assert first_hole(fd, 0, 2 * PS) is None
+        assert first_hole(fd, 0, 4 * PS) == 2 * PS
+        assert first_hole(fd, 3 * PS, 4 * PS) is None
+    finally:
+        os.close(fd)

@@ -47,9 +47,11 @@ class TrackedRun:
         if self.plan.delta:
             self.core.saved[:] = bytes(self.plan.dirty).translate(_FLIP)
 
-    def removed(self, ranges: list[tuple[int, int]], obj_fd: int) -> list[int]:
+    def removed(self, ranges: list[tuple[int, int]], obj_fd: int,
+                holes_only: bool = True) -> list[int]:
         """MADV_REMOVE hit `ranges`: recorded for the next delta; in a delta, the pages left to
-        the parent that are holes now (perhaps since before T: their state at T is unknown)."""
+        the parent that are holes now (perhaps since before T: their state at T is unknown),
+        or all of them (`holes_only` false: the punch may follow, see _removing)."""
         for off, length in ranges:
             self.mark_written(off, length)
         if not self.plan.delta:
@@ -57,7 +59,7 @@ class TrackedRun:
         ps, dirty = self.page_size, self.plan.dirty
         return [page for off, length in ranges
                 for page in range(off // ps, min((off + length) // ps, len(dirty)))
-                if not dirty[page] and is_hole(obj_fd, page * ps)]
+                if not dirty[page] and (not holes_only or is_hole(obj_fd, page * ps))]
 
     def windows(self, size: int, window: int, gaps: bool = False
                 ) -> Iterator[tuple[int, int, bool | None]] | None:

@@ -16,10 +16,11 @@ import trio
 
 from uffdsnap.coordinator import _report
 from uffdsnap.coordinator._copy import StreamJob, copy_all, stream_all
-from uffdsnap.coordinator._delta import TrackedRun, is_hole
+from uffdsnap.coordinator._delta import TrackedRun
 from uffdsnap.coordinator._native import CoreLink
 from uffdsnap.coordinator._peers import Peer
 from uffdsnap.coordinator._policy import BeforeT, FaultAction, Member, SnapshotPolicy
+from uffdsnap.coordinator._removing import WATCH_S, Removing
 from uffdsnap.coordinator._tracking import Plan
 from uffdsnap.coordinator._verdict import final_facts, verdict
 from uffdsnap.coordinator._watch import watch as watch_deadline
@@ -63,6 +64,7 @@ class Run:
         self.paused_in: set[str] = set()
         self.existed: set[int] = set()  # every pid when the copy ended
         self.tracked: TrackedRun | None = None  # write tracking (see _delta): None when off
+        self.removing = Removing()  # unsaved pages a remove event named: its punch may follow
 
     def track(self, plan: Plan, incremental: bool) -> None:
         self.tracked = TrackedRun(plan, incremental, self.core, self.coord.page_size)
@@ -132,14 +134,15 @@ class Run:
         return True
 
     def removed(self, ranges: list[tuple[int, int]]) -> None:
-        """MADV_REMOVE hit these ranges: unsaved pages that are holes now lost their content."""
+        """MADV_REMOVE hit these ranges: unsaved pages that are holes now lost their content;
+        the others are looked at until the copy is over (watch_removed: the punch follows)."""
         ps = self.coord.page_size
-        holes = [page for off, length in ranges
-                 for page in range(off // ps, min((off + length) // ps, len(self.core.saved)))
-                 if not self.core.saved[page] and is_hole(self.coord.obj.fd, page * ps)]
+        unsaved = [page for off, length in ranges
+                   for page in range(off // ps, min((off + length) // ps, len(self.core.saved)))
+                   if not self.core.saved[page]]
         if self.tracked is not None:
-            holes += self.tracked.removed(ranges, self.coord.obj.fd)
-        self.policy.removed(holes[:1])
+            unsaved += self.tracked.removed(ranges, self.coord.obj.fd, holes_only=False)
+        self.policy.removed(self.removing.note(unsaved, self.coord.obj.fd, ps))
         self._note_failure()
 
     def unprotect_everywhere(self, ranges: list[tuple[int, int]]) -> None:
@@ -185,8 +188,10 @@ class Run:
                     t.t_mono, t.t_wall = monotonic_ns(), time.time_ns()
                     self._declare_t()
                     nursery.start_soon(coord.escape_audit.audit_armed, self)
+                    nursery.start_soon(watch_removed, self)
                     await test_pause(self, "copying")
                     await self._copy()
+                    check_removing(self)  # (punched since the watch last looked)
                     await coord.escape_audit.after_copy(self)  # (--strict may fail us)
                     self._check_size("during the snapshot")
                     await test_pause(self, "finishing")
@@ -367,6 +372,23 @@ def _summary(run: Run) -> dict[str, Any]:
     if tracked is not None:
         out["incremental"] = tracked.summary()
     return out
+
+
+def check_removing(run: Run) -> None:
+    """A page a remove event named while unsaved that is a hole now (punched since we handled
+    the event, perhaps before the page was saved: zeros saved) fails the snapshot."""
+    obj = run.coord.obj
+    run.policy.removed(run.removing.holes(obj.fd, obj.size, run.coord.page_size))
+    run._note_failure()
+
+
+async def watch_removed(run: Run) -> None:
+    """Until the copy is over (cancelled): look for the punches of the remove events handled
+    before them, so that a snapshot they spoil fails at once (not only after the copy)."""
+    while run.policy.failure is None:
+        await run.removing.wait()
+        check_removing(run)
+        await trio.sleep(WATCH_S)
 
 
 async def test_pause(run: Run, phase: str) -> None:
