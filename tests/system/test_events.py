@@ -93,13 +93,14 @@ def test_verify_after_fork_free_run(shm_path: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["agents", "delegated"])
-@pytest.mark.parametrize("phase", ["protecting", "copying"])
+@pytest.mark.parametrize("phase", ["joining", "protecting", "copying"])
 def test_fork_during_snapshot(phase: str, mode: str, shm_path: str, tmp_path: Path) -> None:
-    """A tracked process forks a child that writes, while processes are being protected (a
-    pre-forking master, which does not write itself: a writer blocked on a held fault cannot
-    fork before T) or while pages are being copied (a writer): the child is tracked by its
-    parent's agent from its first write (its uffd arrives with the fork event), and the image
-    is still one instant."""
+    """A tracked process forks a child that writes, once its agent has joined but before it is
+    protected (the host registered its mappings while the injection held it stopped), while
+    processes are being protected (a pre-forking master, which does not write itself: a writer
+    blocked on a held fault cannot fork before T) or while pages are being copied (a writer):
+    the child is tracked by its parent's agent from its first write (its uffd arrives with the
+    fork event), and the image is still one instant."""
     make_workload(shm_path, 3, data_pages=256)
     forker = Lifecycle(shm_path, 0, child_index=2, supervisor=phase == "protecting")
     plain = start_writers(shm_path, native=1, first_index=1)

@@ -59,31 +59,35 @@ async def _join(chan: Channel, pid: int, mode: str) -> Welcome:
     return msg
 
 
-def register_stopped(uffd: int, pid: int, obj: ObjectId) -> None:
+def register_stopped(uffd: int, pid: int, obj: ObjectId) -> Tracker:
     """Enable the features and register every shared mapping of `obj` in `pid`, which the
     injection holds stopped (create_uffd_in's `while_stopped`): from here on its forks are
     ours from birth, so a process that forks its successor and exits within milliseconds is
     followed, not chased (the agent then skips its own early registration). A failure to
-    register is left for protecting to report, or to find the process gone."""
+    register is left for protecting to report, or to find the process gone. Returns what was
+    registered, for the agent's tracker (run_agent's `stopped`): a child forked before the
+    agent protects inherits it, and is known to live only while something is registered."""
     negotiate(uffd)
+    tracker = Tracker(uffd, pid, obj, page_size=0)
     try:
-        Tracker(uffd, pid, obj, page_size=0).register_all()
+        tracker.register_all()
     except (KernelError, OSError) as e:
         log.debug("registering pid %s while it is stopped: %s", pid, e)
+    return tracker
 
 
 async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
                     on_joined: Callable[[], None] | None = None,
                     test_hooks: testhooks.Hooks | None = None,
                     handle_signals: bool = True, coordinator_uid: int | None = None,
-                    negotiated: bool = False) -> str:
+                    stopped: Tracker | None = None) -> str:
     """Track process `pid` through `uffd` (which this call now owns) for `coordinator`.
 
     Returns why it ended ("process exited", "coordinator closed the connection", ...). Whatever
     happens, every tracked process is left un-protected and unregistered and every uffd closed.
     (`handle_signals`: end on SIGTERM/SIGINT/SIGHUP; an agent host handles them once for all.
     `coordinator_uid`: a user besides root and ours whom we trust to listen at `coordinator`.
-    `negotiated`: register_stopped enabled the features and registered already.)
+    `stopped`: what register_stopped registered; it enabled the features already.)
     """
     try:
         pidfd = pidfd_open(pid)
@@ -92,7 +96,7 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
         raise
     agent = Agent(pid, test_hooks, handle_signals=handle_signals)
     try:
-        if not negotiated:
+        if stopped is None:
             negotiate(uffd)
         snapcore.load()  # now, not inside a protect phase, where writers may be waiting
         chan = await connect(coordinator, Role.AGENT, coordinator_uid)
@@ -106,7 +110,12 @@ async def run_agent(coordinator: str, pid: int, uffd: int, mode: str,
             agent.object_id = obj
             tracker = Tracker(uffd, pid, obj, welcome.page_size, pidfd=pidfd)
             uffd = pidfd = -1  # the tracker owns them now
-            if mode == "attach" and not negotiated:  # (register_stopped did, if negotiated)
+            if stopped is not None:  # registered while stopped: the forks it made since
+                # inherit these ranges (adopt_child), so they must be the tracker's too
+                tracker.mappings, tracker.registered = stopped.mappings, stopped.registered
+                tracker.never_writable = stopped.never_writable
+                tracker.registered_since = stopped.registered_since
+            elif mode == "attach":
                 _register_early(tracker)
             agent.add(tracker)
             if on_joined is not None:

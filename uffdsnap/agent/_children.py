@@ -135,10 +135,17 @@ async def find_child(agent: Agent, parent: Tracker | None, child: Tracker) -> No
                     child.pidfd, child.pid = -1, None
                     break
                 log.debug("child of pid %s found: pid %d", parent_pid_, pid)
+                inherited = child.mappings
                 try:
                     child.refresh()
                 except ProcessLookupError:
                     pass
+                if not child.mappings:
+                    # it exited since (a fork chain's member lives milliseconds): its maps read
+                    # empty. Its forks, whose events may still come, inherit these mappings, and
+                    # their faults are placed through them (an empty table loses the child:
+                    # the core fails its first fault, EFAULT, and the agent ends)
+                    child.mappings = inherited
                 assert agent._nursery is not None
                 agent._nursery.start_soon(agent._watch_exit, child)
                 await agent._report_tracked()

@@ -106,10 +106,13 @@ async def _serve_target(coordinator: str, pid: int, obj: ObjectId | None,
     of it are registered before it runs again (agent.register_stopped)."""
     from uffdsnap.agent import register_stopped, run_agent
     from uffdsnap.inject import create_uffd_in
+    from uffdsnap.tracker import Tracker
+
+    stopped: list[Tracker] = []  # what register_stopped registered
 
     def while_stopped(uffd: int) -> None:
         if obj is not None:
-            register_stopped(uffd, pid, obj)
+            stopped.append(register_stopped(uffd, pid, obj))
 
     t0 = time.monotonic()
     try:
@@ -129,7 +132,7 @@ async def _serve_target(coordinator: str, pid: int, obj: ObjectId | None,
     try:
         reason = await run_agent(coordinator, pid, uffd, "attach", on_joined=joined,
                                  test_hooks=hooks, handle_signals=False,
-                                 negotiated=obj is not None)
+                                 stopped=stopped[0] if stopped else None)
     except Exception as e:  # contained: the other targets' agents go on
         log.error("agent for pid %d: %s", pid, _one_line(e),
                   exc_info=log.isEnabledFor(logging.DEBUG))
