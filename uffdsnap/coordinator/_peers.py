@@ -65,8 +65,12 @@ class Peer:
         return self._agent_pid
 
     def any_alive(self) -> bool:
-        return process_alive(self.pidfd) or any(process_running(p) for p in self.pids
-                                                if p != self.pid)
+        """Whether a process it tracks may still live: its own, the children it named (as of
+        its last report, which may lag), and any whose uffd it lent us (delegated mode), named
+        or not: a fork chain's newest member it had not reported yet."""
+        return (process_alive(self.pidfd)
+                or any(process_running(p) for p in self.pids if p != self.pid)
+                or any(t.address_space_alive() for t in self.delegated))
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "comm": self.comm, "mode": self.mode,

@@ -93,8 +93,9 @@ class Run:
 
     def lost(self, peer: Peer, why: str) -> None:
         if peer in self.policy.members:
+            alive = peer.any_alive()  # (before close_peer closes the uffds it lent us)
             self.link.close_peer(peer)
-            self.policy.lost(peer, peer.any_alive(), why)
+            self.policy.lost(peer, alive, why)
             peer.released.set()
             self._note_failure()
             self.changed_now()
