@@ -5,7 +5,6 @@ answered at once and the scan passes them by)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +46,10 @@ class TrackedRun:
         if self.plan.delta:
             self.core.saved[:] = bytes(self.plan.dirty).translate(_FLIP)
 
-    def removed(self, ranges: list[tuple[int, int]], obj_fd: int,
-                holes_only: bool = True) -> list[int]:
-        """MADV_REMOVE hit `ranges`: recorded for the next delta; in a delta, the pages left to
-        the parent that are holes now (perhaps since before T: their state at T is unknown),
-        or all of them (`holes_only` false: the punch may follow, see _removing)."""
+    def removed(self, ranges: list[tuple[int, int]]) -> list[int]:
+        """MADV_REMOVE hit `ranges`: recorded for the next delta; in a delta, the pages it named
+        that are left to the parent (one that is a hole, now or once the punch follows, lost
+        its state at T: see _removing)."""
         for off, length in ranges:
             self.mark_written(off, length)
         if not self.plan.delta:
@@ -59,7 +57,7 @@ class TrackedRun:
         ps, dirty = self.page_size, self.plan.dirty
         return [page for off, length in ranges
                 for page in range(off // ps, min((off + length) // ps, len(dirty)))
-                if not dirty[page] and (not holes_only or is_hole(obj_fd, page * ps))]
+                if not dirty[page]]
 
     def windows(self, size: int, window: int, gaps: bool = False
                 ) -> Iterator[tuple[int, int, bool | None]] | None:
@@ -96,10 +94,3 @@ def delta_windows(dirty: bytearray, page_size: int, size: int, window: int,
         pos = b
     if gaps and pos < size:
         yield pos, size - pos, None
-
-
-def is_hole(fd: int, offset: int) -> bool:
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) != offset
-    except OSError:
-        return True  # ENXIO: no data at or after offset

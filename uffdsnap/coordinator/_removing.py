@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from uffdsnap.coordinator._delta import is_hole
+from uffdsnap.procfs import SharedObject
+from uffdsnap.tracker import Union
 
 WATCH_S = 0.002  # how often the pages are looked at for the punch
 
@@ -26,22 +27,19 @@ class Removing:
     runs: list[tuple[int, int]] = field(default_factory=list)  # pages [first, end)
     added: trio.Event = field(default_factory=trio.Event)
 
-    def note(self, pages: list[int], fd: int, page_size: int) -> list[int]:
+    def note(self, pages: list[int], obj: SharedObject, page_size: int) -> list[int]:
         """`pages`, unsaved, were named by a remove event: the first that is a hole now (which
         fails the snapshot), or none, and then they are kept, to be looked at again."""
-        holes = [page for page in pages if is_hole(fd, page * page_size)]
-        if pages and not holes:
+        named = page_runs([], pages)
+        hole = _first_hole_page(named, obj, page_size)
+        if named and not hole:
             self.runs = page_runs(self.runs, pages)
             self.added.set()
-        return holes[:1]
+        return hole
 
-    def holes(self, fd: int, size: int, page_size: int) -> list[int]:
+    def holes(self, obj: SharedObject, page_size: int) -> list[int]:
         """The first page kept that is a hole now (or none)."""
-        for first, end in self.runs:
-            hole = first_hole(fd, first * page_size, min(end * page_size, size))
-            if hole is not None:
-                return [hole // page_size]
-        return []
+        return _first_hole_page(self.runs, obj, page_size)
 
     async def wait(self) -> None:
         """Until there are pages to look at."""
@@ -52,13 +50,19 @@ class Removing:
 
 def page_runs(runs: list[tuple[int, int]], pages: list[int]) -> list[tuple[int, int]]:
     """`runs` of pages [first, end) with `pages` added, sorted and merged."""
-    out: list[tuple[int, int]] = []
-    for first, end in sorted(runs + [(page, page + 1) for page in pages]):
-        if out and first <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((first, end))
-    return out
+    union = Union(runs + [(page, page + 1) for page in pages])
+    return list(zip(union.starts, union.ends, strict=True))
+
+
+def _first_hole_page(runs: list[tuple[int, int]], obj: SharedObject,
+                     page_size: int) -> list[int]:
+    """The first page of `runs` that is a hole now, as a list of one (or none): one lseek per
+    run, however many pages a remove event named."""
+    for first, end in runs:
+        hole = first_hole(obj.fd, first * page_size, min(end * page_size, obj.size))
+        if hole is not None:
+            return [hole // page_size]
+    return []
 
 
 def first_hole(fd: int, start: int, end: int) -> int | None:

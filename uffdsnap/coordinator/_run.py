@@ -142,8 +142,8 @@ class Run:
                    for page in range(off // ps, min((off + length) // ps, len(self.core.saved)))
                    if not self.core.saved[page]]
         if self.tracked is not None:
-            unsaved += self.tracked.removed(ranges, self.coord.obj.fd, holes_only=False)
-        self.policy.removed(self.removing.note(unsaved, self.coord.obj.fd, ps))
+            unsaved += self.tracked.removed(ranges)
+        self.policy.removed(self.removing.note(unsaved, self.coord.obj, ps))
         self._note_failure()
 
     def unprotect_everywhere(self, ranges: list[tuple[int, int]]) -> None:
@@ -378,8 +378,7 @@ def _summary(run: Run) -> dict[str, Any]:
 def check_removing(run: Run) -> None:
     """A page a remove event named while unsaved that is a hole now (punched since we handled
     the event, perhaps before the page was saved: zeros saved) fails the snapshot."""
-    obj = run.coord.obj
-    run.policy.removed(run.removing.holes(obj.fd, obj.size, run.coord.page_size))
+    run.policy.removed(run.removing.holes(run.coord.obj, run.coord.page_size))
     run._note_failure()
 
 
