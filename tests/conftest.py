@@ -8,7 +8,7 @@ import signal
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,19 @@ async def running_coordinator(path: str, tmp_path: Path, *, attach: bool = True,
             yield host.coordinator, host.socket_path
     finally:
         obj.close()
+
+
+@contextmanager
+def at_priority(nice: int) -> Iterator[None]:
+    """The calling thread (a trio test's: its coordinator's) at priority `nice` for the block,
+    as `uffdsnap snapshot --nice` would run it; processes it starts inherit it, or (an agent
+    host) are passed it."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    try:
+        yield
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
 def start_writers(path: str, *, native: int = 4, enlisted: int = 0, enlist: str | None = None,

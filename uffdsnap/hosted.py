@@ -83,7 +83,8 @@ async def hosted(obj: SharedObject, *, socket_path: str | None = None, attach: b
                  strict: bool = False) -> AsyncIterator[Host]:
     """A coordinator for `obj`, serving on `socket_path` (a fresh private one if None) for the
     duration of the block; with `attach`, it attaches an agent to every writable mapper without
-    one at each snapshot (through `agent_host` if given: see forked_agent_host). Exceptions
+    one at each snapshot (through `agent_host` if given: see forked_agent_host; else a host
+    started as a program, at the priority of the calling thread, as a forked one has). Exceptions
     leave the block as themselves, not as groups."""
     async with AsyncExitStack() as stack:
         if socket_path is None:

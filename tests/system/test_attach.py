@@ -16,6 +16,7 @@ import trio
 
 from conftest import (
     SPAWNED,
+    at_priority,
     make_workload,
     needs_root,
     running_coordinator,
@@ -24,6 +25,7 @@ from conftest import (
 )
 from procutil import assert_nothing_published, assert_writers_resume, wait_gone, wait_line
 from uffdsnap import workload as wl
+from uffdsnap.cli import DEFAULT_NICE
 from uffdsnap.image import verify
 from uffdsnap.testing import build as devbuild
 
@@ -78,21 +80,55 @@ def _assert_times_reported(s: dict[str, int]) -> None:
 
 
 async def test_sixty_four_writers_joined_and_protected(shm_path: str, tmp_path: Path) -> None:
-    """64 writer processes, each attached (one host), protected and tracked: one instant."""
+    """64 writer processes, each attached (one host), protected and tracked: one instant. The
+    coordinator runs at the priority `uffdsnap snapshot` takes by default (its host too), the
+    writers at theirs: 64 writers at this rate keep both CPUs busy, and at an equal share an
+    interpreter's start-up alone takes seconds."""
     make_workload(shm_path, 64, data_pages=16)
     writers = await trio.to_thread.run_sync(lambda: start_writers(shm_path, native=64,
                                                                   rate=2000))
     try:
-        async with running_coordinator(shm_path, tmp_path) as (coordinator, _sock):
-            out = str(tmp_path / "many.img")
-            summary = await coordinator.snapshot(out)
-            hosts = {coordinator.attacher.host_pid}
+        with at_priority(DEFAULT_NICE):
+            summary, hosts = await _snapshot_in_process(shm_path, tmp_path)
         assert sorted(p["pid"] for p in summary["processes"]) == sorted(w.pid for w in writers)
         assert len(hosts) == 1  # every one of them through one agent host
-        result = wl.check_file(out)
+        result = wl.check_file(str(tmp_path / "many.img"))
         assert result.ok, result.summary()
     finally:
         await trio.to_thread.run_sync(stop_writers, shm_path, writers)
+
+
+async def test_a_started_host_runs_at_its_coordinators_priority(shm_path: str,
+                                                                 tmp_path: Path) -> None:
+    """A host the coordinator starts as a program (a library's coordinator: none was forked)
+    runs at the priority of the coordinator's thread, as a forked host would, not at that of
+    the worker thread trio starts programs from (Linux keeps one per thread)."""
+    make_workload(shm_path, 1, data_pages=16)
+    writers = await trio.to_thread.run_sync(lambda: start_writers(shm_path, native=1))
+    try:
+        await trio.to_thread.run_sync(lambda: None)  # a worker thread, cached, at our priority
+        theirs = os.getpriority(os.PRIO_PROCESS, 0)
+        for nice in (theirs + 3, DEFAULT_NICE):
+            with at_priority(nice):
+                async with running_coordinator(shm_path, tmp_path) as (coordinator, _sock):
+                    await coordinator.snapshot(str(tmp_path / f"n{nice}.img"))
+                    host = coordinator.attacher.host_pid
+                    assert host is not None
+                    assert _nice_of(host) == nice
+    finally:
+        await trio.to_thread.run_sync(stop_writers, shm_path, writers)
+
+
+def _nice_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19, nice
+
+
+async def _snapshot_in_process(shm_path: str, tmp_path: Path) -> tuple[dict, set[int | None]]:
+    """One snapshot by a coordinator in this process: its summary, and the agent hosts used."""
+    async with running_coordinator(shm_path, tmp_path) as (coordinator, _sock):
+        summary = await coordinator.snapshot(str(tmp_path / "many.img"))
+        return summary, {coordinator.attacher.host_pid}
 
 
 async def test_killing_the_agent_host_mid_copy_releases_every_target(shm_path: str,

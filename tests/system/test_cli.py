@@ -46,6 +46,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
     (["agent", "--coordinator", "{tmp}/c.sock", "--attach", "0"], "not a process id"),
     (["agent", "--coordinator", "{tmp}/c.sock", "--attach", "999999999"], "pid"),
     (["agent", "--coordinator", "{tmp}/c.sock"], "one of the arguments"),
+    (["agent", "--coordinator", "{tmp}/c.sock", "--host", "--nice", "40"], "between -20 and 19"),
+    (["agent", "--coordinator", "{tmp}/c.sock", "--host", "--nice=-x"], "invalid int value"),
+    (["snapshot", "--shm", "{shm}", "-o", "{tmp}/x.img", "--nice", "-21"], "between -20 and 19"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments(args: list[str], needle: str, shm_path: str, tmp_path: Path) -> None:

@@ -80,12 +80,12 @@ DEFAULT_NICE = -10
 
 
 def _early_priority(command: str | None, argv: list[str]) -> None:
-    """Take the priority that --nice asks for (default DEFAULT_NICE) before importing what
-    the command runs: start-up is on the way to T. The command validates --nice and sets it
-    again; anything unparsable here is left to it."""
-    if command not in ("snapshot", "coordinator"):
+    """Take the priority that --nice asks for (default DEFAULT_NICE; for `agent`, the one it
+    inherited) before importing what the command runs: start-up is on the way to T. The command
+    validates --nice and sets it again; anything unparsable here is left to it."""
+    if command not in ("snapshot", "coordinator", "agent"):
         return
-    nice = DEFAULT_NICE
+    nice = DEFAULT_NICE if command != "agent" else 0
     for i, word in enumerate(argv):
         text = argv[i + 1] if word == "--nice" and i + 1 < len(argv) else \
             word.removeprefix("--nice=") if word.startswith("--nice=") else None
@@ -97,6 +97,17 @@ def _early_priority(command: str | None, argv: list[str]) -> None:
     if nice != 0 and -20 <= nice <= 19:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
+def apply_nice(args: argparse.Namespace) -> None:
+    """Raise (or set) our priority to --nice, best effort: threads and processes we start
+    inherit it. Only root may raise it; others keep theirs, silently."""
+    if args.nice == 0:
+        return
+    if not -20 <= args.nice <= 19:
+        raise UserError(f"--nice {args.nice}: between -20 and 19")
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,7 +159,8 @@ class Attacher:
             self.host, self._forked = self._forked, None
         else:
             self.host = await trio.lowlevel.open_process(
-                agent_command(self.coordinator_path, "--host", *testhooks.argv(self.test_hooks),
+                agent_command(self.coordinator_path, "--host", *_our_priority(),
+                              *testhooks.argv(self.test_hooks),
                               *(["-v"] if logging.getLogger("uffdsnap").isEnabledFor(
                                   logging.DEBUG) else [])),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -195,6 +196,15 @@ class Attacher:
             target.ended.set()
         if self.targets.get(target.pid) is target:
             del self.targets[target.pid]
+
+
+def _our_priority() -> list[str]:
+    """`--nice N` for a host started as a program: it runs at the priority of the thread that
+    runs the coordinator, as a forked host does (`uffdsnap snapshot --nice`: "this command and
+    its agents"). Not inherited: trio starts programs from a worker thread, and Linux keeps a
+    priority per thread."""
+    nice = os.getpriority(os.PRIO_PROCESS, 0)  # (0: the calling thread)
+    return [f"--nice={nice}"] if nice else []
 
 
 async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:

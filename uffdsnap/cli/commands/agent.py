@@ -13,6 +13,7 @@ import trio
 
 from uffdsnap import testhooks
 from uffdsnap.agent import run_agent
+from uffdsnap.cli import apply_nice
 from uffdsnap.errors import UserError
 from uffdsnap.native import scm
 
@@ -32,10 +33,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--listen", metavar="PATH",
                      help="wait on Unix socket PATH for one workload to enlist (send its uffd)")
     how.add_argument("--enlist-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    parser.add_argument("--nice", type=int, default=0, metavar="N",
+                        help="scheduling priority to run at (best effort: only root may raise "
+                             "it; 0, the default, keeps the inherited one); a coordinator passes "
+                             "its own to the host it starts")
     parser.add_argument(testhooks.HOOKS_OPTION, metavar="JSON", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_nice(args)
     hooks = testhooks.parse(args.test_hooks)
     if args.host:
         from uffdsnap.agent._host import run_host

@@ -14,12 +14,12 @@ import stat
 import trio
 
 from uffdsnap import testhooks
+from uffdsnap.cli import apply_nice
 from uffdsnap.cli.commands.snapshot import (
     add_fault_deadline_argument,
     add_mode_argument,
     add_nice_argument,
     add_test_hooks_argument,
-    apply_nice,
     check_fault_deadline,
     fault_deadline,
 )

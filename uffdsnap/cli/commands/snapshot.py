@@ -4,7 +4,6 @@ streamed to a receiver (`--to`)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -16,7 +15,7 @@ import trio
 from uffdsnap import testhooks
 from uffdsnap.bench.config import parse_size
 from uffdsnap.channel import PeerClosed, connect
-from uffdsnap.cli import DEFAULT_NICE
+from uffdsnap.cli import DEFAULT_NICE, apply_nice
 from uffdsnap.cli.commands.agent import user_id
 from uffdsnap.cli.output import emit
 from uffdsnap.cli.summary import human_summary
@@ -314,17 +313,6 @@ def add_nice_argument(parser: argparse.ArgumentParser) -> None:
              f"{DEFAULT_NICE}, as root: the way to T and the copy compete with busy writers "
              "for the CPUs; 0 leaves it as inherited). The native core's fault thread runs at "
              "-10 in any case")
-
-
-def apply_nice(args: argparse.Namespace) -> None:
-    """Raise (or set) our priority, best effort: threads and processes we start inherit it.
-    Only root may raise it; others keep theirs, silently."""
-    if args.nice == 0:
-        return
-    if not -20 <= args.nice <= 19:
-        raise UserError(f"--nice {args.nice}: between -20 and 19")
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
 
 
 def add_mode_argument(parser: argparse.ArgumentParser) -> None:
