@@ -512,6 +512,31 @@ def test_scratch_memory_round_trip_and_removal(spawn):
     assert target.finish() == 0
 
 
+@needs_root
+def test_spare_tracers_serve_the_next_injections_and_exit_unused(spawn):
+    """Tracers forked before their target is known (what an agent host does for a burst of
+    targets): the next injection takes a live one (a dead one is skipped and reaped), and one
+    never used exits as soon as its socket closes (our death, for a host)."""
+    from uffdsnap.inject import _tracer
+
+    target = spawn()
+    assert inject.prefork_tracers(3) == 3
+    dead, live, unused = (pid for pid, _sock in list(_tracer._SPARES))
+    os.kill(dead, signal.SIGKILL)
+    waitid_within(dead, os.WEXITED | os.WNOWAIT)  # dead (its socket closed), not reaped
+    with injected(target.pid) as t:
+        assert int(status(target.pid, "TracerPid")) == live
+        assert t.syscall(SYS_GETPID) == target.pid
+    assert_released(target)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(dead, os.WNOHANG)  # (reaped when found dead)
+    child, sock = _tracer._SPARES.popleft()
+    assert child == unused
+    sock.close()
+    assert waitid_within(unused, os.WEXITED).si_status == 0
+    assert target.finish() == 0
+
+
 def test_injects_into_another_thread(spawn):
     target = spawn("--thread")
     wait_in_syscall(target.pid, target.worker_tid, SYS_CLOCK_NANOSLEEP)

@@ -2,11 +2,12 @@
 
 A coordinator that attaches starts one host and asks it, line by line on its stdin, to attach
 targets (`attach PID MAJOR MINOR INODE`: the target and the object's identity); the host
-injects into several at once (each injection in a thread of its own), registers the target's
-mappings of the object before the target runs again, runs each target's agent in its own task,
-and answers on stdout (`joined PID`, `failed PID REASON`, `ended PID REASON`). Starting an
-interpreter is paid once per coordinator, not per target: attaching costs the injection and a
-handshake, a few milliseconds.
+injects into several at once (each injection in a thread of its own, with a tracer process
+forked for it before the threads start), registers the target's mappings of the object before
+the target runs again, runs each target's agent in its own task, and answers on stdout
+(`joined PID`, `failed PID REASON`, `ended PID REASON`). Starting an interpreter is paid once
+per coordinator, not per target: attaching costs the injection and a handshake, a few
+milliseconds.
 
 Guarantees, as for one agent per process: each target's uffd is held by this process alone, so
 the host's death (killed, crashed, or its coordinator gone: stdin at EOF) releases every target
@@ -45,23 +46,34 @@ async def run_host(coordinator: str, test_hooks: testhooks.Hooks,
     target's agent then releases it."""
     # what attaching needs, imported (and the native core loaded) before the first request:
     # nothing heavy on the attach path
-    import uffdsnap.inject  # noqa: F401
+    from uffdsnap.inject import prefork_tracers
     from uffdsnap.native import core as snapcore
 
     snapcore.load()
     injections = trio.CapacityLimiter(INJECTIONS_AT_ONCE)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_end_on_signal, nursery.cancel_scope)
-        async for line in _lines(trio.lowlevel.FdStream(sys.stdin.fileno())):
-            words = line.split()
-            if (len(words) in (2, 5) and words[0] == "attach"
-                    and all(w.isdigit() for w in words[1:])):
-                obj = ObjectId(*map(int, words[2:])) if len(words) == 5 else None
-                nursery.start_soon(_serve_target, coordinator, int(words[1]), obj, test_hooks,
-                                   say, injections)
-            else:
-                say(f"error {line[:80]!r}: expected `attach PID [MAJOR MINOR INODE]`")
+        async for lines in _batches(trio.lowlevel.FdStream(sys.stdin.fileno())):
+            requests = [_attach_request(line) for line in lines]
+            # a tracer for each, forked now, before their threads start (see inject._tracer)
+            prefork_tracers(sum(r is not None for r in requests))
+            for line, request in zip(lines, requests, strict=True):
+                if request is None:
+                    say(f"error {line[:80]!r}: expected `attach PID [MAJOR MINOR INODE]`")
+                    continue
+                pid, obj = request
+                nursery.start_soon(_serve_target, coordinator, pid, obj, test_hooks, say,
+                                   injections)
         nursery.cancel_scope.cancel()  # the coordinator is done with us
+
+
+def _attach_request(line: str) -> tuple[int, ObjectId | None] | None:
+    """`attach PID [MAJOR MINOR INODE]` as (pid, the object's identity), or None."""
+    words = line.split()
+    if len(words) not in (2, 5) or words[0] != "attach" or not all(w.isdigit()
+                                                                   for w in words[1:]):
+        return None
+    return int(words[1]), ObjectId(*map(int, words[2:])) if len(words) == 5 else None
 
 
 def fork_host(coordinator: str, test_hooks: testhooks.Hooks) -> tuple[int, int, int, int]:
@@ -147,16 +159,16 @@ async def _end_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
-async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
+async def _batches(stream: trio.abc.ReceiveStream) -> AsyncIterator[list[str]]:
+    """The lines that each read completes (a coordinator's requests come in bursts)."""
     buf = b""
     while True:
-        data = await stream.receive_some(4096)
+        data = await stream.receive_some(65536)
         if not data:
             return
-        buf += data
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            yield line.decode(errors="replace").strip()
+        *complete, buf = (buf + data).split(b"\n")
+        if complete:
+            yield [line.decode(errors="replace").strip() for line in complete]
 
 
 def _one_line(e: BaseException) -> str:

@@ -6,6 +6,14 @@ time (e.g. uninterruptible sleep) the caller gets ETIMEDOUT at once, and the tra
 restore and detach whenever the target does stop. Why a process and not a thread, and how it
 keeps the target safe when we die: see TracerProcess. Requests and replies are pickled, one
 seqpacket message each, fds beside them with SCM_RIGHTS.
+
+A tracer learns its target from its first message, so it can be forked before the session
+that uses it (`prefork_tracers`): an agent host asked to attach many targets at once forks their
+tracers one after another from its event loop, before their injection threads start. Forked
+from each of those threads instead, on a busy machine, the forks (each holding the interpreter
+lock for milliseconds while the kernel copies a process of many threads) came one after another
+anyway, interleaved with everything else those threads had to do: 64 targets took 0.2-0.3 s
+longer to join (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import select
 import signal
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -39,6 +48,58 @@ _REQUESTS: dict[str, Callable[..., object]] = {
     "stop_others": Session.stop_others, "resume_others": Session.resume_others,
 }
 _FD_RESULTS = frozenset({"take_fd"})
+_SPARES: deque[tuple[int, socket.socket]] = deque()  # (pid, our end): tracers with no target yet
+
+
+def prefork_tracers(count: int) -> int:
+    """Fork up to `count` spare tracers now, for sessions to come (see the module's docstring);
+    how many there are. Each waits for its target, or exits when we do."""
+    while len(_SPARES) < count:
+        try:
+            _SPARES.append(_fork_tracer())
+        except OSError:
+            break  # (out of processes: sessions fork their own, and say why if they cannot)
+    return len(_SPARES)
+
+
+def _fork_tracer() -> tuple[int, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        child = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        raise
+    if child == 0:
+        _tracer_main(theirs)  # never returns
+    theirs.close()
+    return child, ours
+
+
+def _tracer_for(pid: int, tid: int) -> tuple[int, socket.socket]:
+    """A tracer told its target: a spare if one is left (and alive), else a new one."""
+    while True:
+        try:
+            child, sock = _SPARES.popleft()  # (atomic: injections run in many threads)
+        except IndexError:
+            break
+        if _tell(child, sock, pid, tid):
+            return child, sock
+    child, sock = _fork_tracer()
+    if not _tell(child, sock, pid, tid):
+        raise OSError(errno.EPIPE, "the tracer process died as it started")
+    return child, sock
+
+
+def _tell(child: int, sock: socket.socket, pid: int, tid: int) -> bool:
+    """Send a tracer its target; False (it is closed and reaped) if it has died."""
+    try:
+        sock.send(pickle.dumps((pid, tid)))
+        return True
+    except OSError:
+        sock.close()
+        _reap(child)
+        return False
 
 
 class TracerProcess:
@@ -56,18 +117,11 @@ class TracerProcess:
     """
 
     def __init__(self, pid: int, tid: int, detail: str):
-        ours, theirs = socket.socketpair(socket.AF_UNIX,
-                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            child = os.fork()
+            child, ours = _tracer_for(pid, tid)
         except OSError as e:
-            ours.close()
-            theirs.close()
             raise KernelError("fork", e.errno or errno.EAGAIN, detail,
                               "could not start a tracer process") from None
-        if child == 0:
-            _tracer_main(theirs, pid, tid)  # never returns
-        theirs.close()
         self._child = child
         self._sock: socket.socket | None = ours
         self._busy = False  # a request is out and its reply has not come back
@@ -153,8 +207,9 @@ def _reap(pid: int) -> None:
         pass  # someone else reaped it (e.g. SIGCHLD ignored)
 
 
-def _tracer_main(sock: socket.socket, pid: int, tid: int) -> NoReturn:
-    """The tracer process: serve requests until EOF, then release the target and exit."""
+def _tracer_main(sock: socket.socket) -> NoReturn:
+    """The tracer process: learn the target, serve requests until EOF, then release the target
+    and exit (at once if EOF comes first: a spare never used)."""
     code = 1
     try:
         gc.disable()  # a fork-time garbage socket, collected here, would close a reused fd number
@@ -174,11 +229,13 @@ def _tracer_main(sock: socket.socket, pid: int, tid: int) -> NoReturn:
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
-        session = Session(pid, tid)
-        try:
-            _serve(sock, session)
-        finally:
-            session.release()
+        target = sock.recv(_MAX_MESSAGE)
+        if target:  # (EOF first: a spare never used)
+            session = Session(*pickle.loads(target))
+            try:
+                _serve(sock, session)
+            finally:
+                session.release()
         code = 0
     finally:
         os._exit(code)
