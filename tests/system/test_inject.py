@@ -513,28 +513,55 @@ def test_scratch_memory_round_trip_and_removal(spawn):
 
 
 @needs_root
-def test_spare_tracers_serve_the_next_injections_and_exit_unused(spawn):
-    """Tracers forked before their target is known (what an agent host does for a burst of
-    targets): the next injection takes a live one (a dead one is skipped and reaped), and one
-    never used exits as soon as its socket closes (our death, for a host)."""
+def test_a_started_tracer_stops_its_target_at_once_and_serves_its_session(spawn):
+    """start_tracers (what an agent host does for a burst of targets): the tracer stops its
+    target before anyone asks, and the session that comes next uses it; a started tracer for
+    another thread is let go (the target runs on) and the session gets a new one."""
     from uffdsnap.inject import _tracer
 
-    target = spawn()
-    assert inject.prefork_tracers(3) == 3
-    dead, live, unused = (pid for pid, _sock in list(_tracer._SPARES))
-    os.kill(dead, signal.SIGKILL)
-    waitid_within(dead, os.WEXITED | os.WNOWAIT)  # dead (its socket closed), not reaped
-    with injected(target.pid) as t:
-        assert int(status(target.pid, "TracerPid")) == live
+    target, other = spawn(), spawn()
+    inject.start_tracers([(target.pid, target.tid), (other.pid, other.tid + 1_000_000)])
+    started = _tracer._STARTED[target.pid][1]
+    wait_status(target.pid, "TracerPid", str(started))
+    wait_status(target.pid, "State", "t (tracing stop)")  # stopped, no session yet
+    with injected(target.pid, target.tid) as t:
+        assert int(status(target.pid, "TracerPid")) == started
         assert t.syscall(SYS_GETPID) == target.pid
     assert_released(target)
-    with pytest.raises(ChildProcessError):
-        os.waitpid(dead, os.WNOHANG)  # (reaped when found dead)
-    child, sock = _tracer._SPARES.popleft()
-    assert child == unused
-    sock.close()
-    assert waitid_within(unused, os.WEXITED).si_status == 0
+    with injected(other.pid, other.tid) as t:  # (its started tracer named no such thread)
+        assert t.syscall(SYS_GETPID) == other.pid
+    assert_released(other)
+    assert not _tracer._STARTED
+    assert target.finish() == 0 and other.finish() == 0
+
+
+@needs_root
+def test_a_started_tracer_nobody_claims_lets_go(spawn, monkeypatch):
+    """A started tracer whose session never comes releases its target after UNCLAIMED_S and
+    exits (a host that asked for it and then did not use it never holds a target stopped); a
+    session after that gets a new tracer."""
+    from uffdsnap.inject import _tracer
+
+    monkeypatch.setattr(_tracer, "UNCLAIMED_S", 0.2)
+    target = spawn()
+    inject.start_tracers([(target.pid, target.tid)])
+    started = _tracer._STARTED[target.pid][1]
+    wait_status(target.pid, "TracerPid", str(started))
+    assert waitid_within(started, os.WEXITED | os.WNOWAIT).si_status == 0
+    assert_released(target)
+    with injected(target.pid, target.tid) as t:
+        assert int(status(target.pid, "TracerPid")) not in (0, started)
+        assert t.syscall(SYS_GETPID) == target.pid
+    assert_released(target)
     assert target.finish() == 0
+
+
+def wait_status(pid: int, field: str, value: str) -> None:
+    """Poll until /proc/PID/status says `field` is `value` (no event exists for that)."""
+    deadline = time.monotonic() + DEADLINE
+    while status(pid, field) != value:
+        assert time.monotonic() < deadline, f"{field} of {pid}: {status(pid, field)!r}"
+        time.sleep(0.001)
 
 
 def test_injects_into_another_thread(spawn):

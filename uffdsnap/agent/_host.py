@@ -2,11 +2,11 @@
 
 A coordinator that attaches starts one host and asks it, line by line on its stdin, to attach
 targets (`attach PID MAJOR MINOR INODE`: the target and the object's identity); the host
-injects into several at once (each injection in a thread of its own, with a tracer process
-forked for it before the threads start), registers the target's mappings of the object before
-the target runs again, runs each target's agent in its own task, and answers on stdout
-(`joined PID`, `failed PID REASON`, `ended PID REASON`). Starting an interpreter is paid once
-per coordinator, not per target: attaching costs the injection and a handshake, a few
+injects into several at once (each injection in a thread of its own, its target stopped by a
+tracer process started before the threads exist), registers the target's mappings of the
+object before the target runs again, runs each target's agent in its own task, and answers on
+stdout (`joined PID`, `failed PID REASON`, `ended PID REASON`). Starting an interpreter is paid
+once per coordinator, not per target: attaching costs the injection and a handshake, a few
 milliseconds.
 
 Guarantees, as for one agent per process: each target's uffd is held by this process alone, so
@@ -46,7 +46,7 @@ async def run_host(coordinator: str, test_hooks: testhooks.Hooks,
     target's agent then releases it."""
     # what attaching needs, imported (and the native core loaded) before the first request:
     # nothing heavy on the attach path
-    from uffdsnap.inject import prefork_tracers
+    from uffdsnap.inject import pick_thread, start_tracers
     from uffdsnap.native import core as snapcore
 
     snapcore.load()
@@ -55,8 +55,10 @@ async def run_host(coordinator: str, test_hooks: testhooks.Hooks,
         nursery.start_soon(_end_on_signal, nursery.cancel_scope)
         async for lines in _batches(trio.lowlevel.FdStream(sys.stdin.fileno())):
             requests = [_attach_request(line) for line in lines]
-            # a tracer for each, forked now, before their threads start (see inject._tracer)
-            prefork_tracers(sum(r is not None for r in requests))
+            # a tracer for each, started now, before their threads exist: it stops its target
+            # at once (see inject._tracer); as many as can start injecting at once
+            start_tracers([(r[0], pick_thread(r[0])) for r in requests if r is not None]
+                          [:int(injections.available_tokens)])
             for line, request in zip(lines, requests, strict=True):
                 if request is None:
                     say(f"error {line[:80]!r}: expected `attach PID [MAJOR MINOR INODE]`")

@@ -47,7 +47,8 @@ from uffdsnap.inject._seccomp import (
     seccomp_verdict,
 )
 from uffdsnap.inject._session import PAGE_SIZE
-from uffdsnap.inject._tracer import prefork_tracers
+from uffdsnap.inject._tracee import pick_thread
+from uffdsnap.inject._tracer import start_tracers
 from uffdsnap.inject._x86_64 import (
     SYS_CLOCK_NANOSLEEP,
     SYS_CLOSE,
@@ -71,5 +72,6 @@ __all__ = [
     "SECCOMP_RET_TRAP", "SECCOMP_RET_USER_NOTIF", "SYS_CLOCK_NANOSLEEP", "SYS_CLOSE",
     "SYS_EPOLL_WAIT", "SYS_EXIT_GROUP", "SYS_GETPID", "SYS_IOCTL", "SYS_MMAP", "SYS_MUNMAP",
     "SYS_NANOSLEEP", "SYS_READ", "SYS_RECVMSG", "SYS_SOCKETPAIR", "SYS_USERFAULTFD", "Injected",
-    "StopPoint", "create_uffd_in", "injected", "prefork_tracers", "seccomp_verdict",
+    "StopPoint", "create_uffd_in", "injected", "pick_thread", "seccomp_verdict",
+    "start_tracers",
 ]

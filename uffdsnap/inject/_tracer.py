@@ -7,13 +7,14 @@ restore and detach whenever the target does stop. Why a process and not a thread
 keeps the target safe when we die: see TracerProcess. Requests and replies are pickled, one
 seqpacket message each, fds beside them with SCM_RIGHTS.
 
-A tracer learns its target from its first message, so it can be forked before the session
-that uses it (`prefork_tracers`): an agent host asked to attach many targets at once forks their
-tracers one after another from its event loop, before their injection threads start. Forked
-from each of those threads instead, on a busy machine, the forks (each holding the interpreter
-lock for milliseconds while the kernel copies a process of many threads) came one after another
-anyway, interleaved with everything else those threads had to do: 64 targets took 0.2-0.3 s
-longer to join (docs/benchmarks.md).
+A tracer can be started before its session (`start_tracers`): it seizes and stops its target at
+once, and the session's `attach` finds that done. An agent host asked to attach many targets
+at once starts their tracers one after another from its event loop, before their injection
+threads exist. Forked from each of those threads instead, on a busy machine, the forks (each
+holding the interpreter lock for milliseconds while the kernel copies a process of many threads)
+came one after another anyway, and each target was interrupted only once its thread and its
+tracer had run: stopping a busy target means waiting for it to be scheduled, so the sooner each
+is interrupted the sooner all have stopped (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import select
 import signal
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -48,21 +48,28 @@ _REQUESTS: dict[str, Callable[..., object]] = {
     "stop_others": Session.stop_others, "resume_others": Session.resume_others,
 }
 _FD_RESULTS = frozenset({"take_fd"})
-_SPARES: deque[tuple[int, socket.socket]] = deque()  # (pid, our end): tracers with no target yet
+# Tracers started before anyone asked (start_tracers), by target pid: (tid, tracer pid, our end).
+_STARTED: dict[int, tuple[int, int, socket.socket]] = {}
+# A started tracer that nobody claims within this time releases its target and exits.
+UNCLAIMED_S = 10.0
 
 
-def prefork_tracers(count: int) -> int:
-    """Fork up to `count` spare tracers now, for sessions to come (see the module's docstring);
-    how many there are. Each waits for its target, or exits when we do."""
-    while len(_SPARES) < count:
+def start_tracers(targets: list[tuple[int, int]]) -> None:
+    """Fork a tracer for each (pid, tid) now, and have it seize and stop that thread at once;
+    the next session on it (`injected`) takes it, its `attach` already done or under way. See
+    the module's docstring. Best effort: a target left out gets a tracer when its session
+    starts."""
+    for pid, tid in targets:
+        if pid in _STARTED:
+            continue
         try:
-            _SPARES.append(_fork_tracer())
+            child, sock = _fork_tracer(pid, tid, early=True)
         except OSError:
-            break  # (out of processes: sessions fork their own, and say why if they cannot)
-    return len(_SPARES)
+            return  # (out of processes: sessions fork their own, and say why if they cannot)
+        _STARTED[pid] = (tid, child, sock)
 
 
-def _fork_tracer() -> tuple[int, socket.socket]:
+def _fork_tracer(pid: int, tid: int, early: bool) -> tuple[int, socket.socket]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         child = os.fork()
@@ -71,35 +78,29 @@ def _fork_tracer() -> tuple[int, socket.socket]:
         theirs.close()
         raise
     if child == 0:
-        _tracer_main(theirs)  # never returns
+        _tracer_main(theirs, pid, tid, early)  # never returns
     theirs.close()
     return child, ours
 
 
 def _tracer_for(pid: int, tid: int) -> tuple[int, socket.socket]:
-    """A tracer told its target: a spare if one is left (and alive), else a new one."""
-    while True:
-        try:
-            child, sock = _SPARES.popleft()  # (atomic: injections run in many threads)
-        except IndexError:
-            break
-        if _tell(child, sock, pid, tid):
+    """The tracer started for this thread if there is one (and it still serves), else a new
+    one."""
+    started = _STARTED.pop(pid, None)  # (atomic: sessions run in many threads)
+    if started is not None:
+        started_tid, child, sock = started
+        if started_tid == tid and not _exited(child):
             return child, sock
-    child, sock = _fork_tracer()
-    if not _tell(child, sock, pid, tid):
-        raise OSError(errno.EPIPE, "the tracer process died as it started")
-    return child, sock
+        sock.close()  # (another thread now: it lets go of that one and exits)
+        _reap_later(child)
+    return _fork_tracer(pid, tid, early=False)
 
 
-def _tell(child: int, sock: socket.socket, pid: int, tid: int) -> bool:
-    """Send a tracer its target; False (it is closed and reaped) if it has died."""
+def _exited(child: int) -> bool:
     try:
-        sock.send(pickle.dumps((pid, tid)))
+        return os.waitpid(child, os.WNOHANG)[0] != 0
+    except ChildProcessError:
         return True
-    except OSError:
-        sock.close()
-        _reap(child)
-        return False
 
 
 class TracerProcess:
@@ -194,10 +195,15 @@ class TracerProcess:
         self._sock = None
         self._hung_up = why
         if self._busy:
-            threading.Thread(target=_reap, args=(self._child,), name="uffdsnap-tracer-reaper",
-                             daemon=True).start()
+            _reap_later(self._child)
         else:
             _reap(self._child)
+
+
+def _reap_later(pid: int) -> None:
+    """Reap a tracer whenever it is done (a target that will not stop keeps it busy)."""
+    threading.Thread(target=_reap, args=(pid,), name="uffdsnap-tracer-reaper",
+                     daemon=True).start()
 
 
 def _reap(pid: int) -> None:
@@ -207,9 +213,10 @@ def _reap(pid: int) -> None:
         pass  # someone else reaped it (e.g. SIGCHLD ignored)
 
 
-def _tracer_main(sock: socket.socket) -> NoReturn:
-    """The tracer process: learn the target, serve requests until EOF, then release the target
-    and exit (at once if EOF comes first: a spare never used)."""
+def _tracer_main(sock: socket.socket, pid: int, tid: int, early: bool) -> NoReturn:
+    """The tracer process: serve requests until EOF, then release the target and exit. Started
+    `early`, it seizes and stops the target before the first request, which then finds that
+    done: its answer, or the attach's failure; if none comes within UNCLAIMED_S, it lets go."""
     code = 1
     try:
         gc.disable()  # a fork-time garbage socket, collected here, would close a reused fd number
@@ -229,21 +236,26 @@ def _tracer_main(sock: socket.socket) -> NoReturn:
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
-        target = sock.recv(_MAX_MESSAGE)
-        if target:  # (EOF first: a spare never used)
-            session = Session(*pickle.loads(target))
-            try:
-                _serve(sock, session)
-            finally:
-                session.release()
+        session = Session(pid, tid)
+        try:
+            attached = _handle(session, _ATTACH, []) if early else None
+            if attached is None or select.select([sock], [], [], UNCLAIMED_S)[0]:
+                _serve(sock, session, attached)  # (else unclaimed: released, and we exit)
+        finally:
+            session.release()
         code = 0
     finally:
         os._exit(code)
 
 
-def _serve(sock: socket.socket, session: Session) -> None:
+_Reply = tuple[tuple[str, object], list[int]]  # (kind, value), and our fds to hand over
+_ATTACH = pickle.dumps(("attach", ()))
+
+
+def _serve(sock: socket.socket, session: Session, attached: _Reply | None) -> None:
     """One reply per request, in order; an error is a reply too, so the caller never waits in
-    vain. Returns at EOF."""
+    vain. Returns at EOF. `attached`: the reply of an attach made before it was asked for, the
+    reply to the first request if that is `attach`."""
     while True:
         try:
             data, fds = scm.recv_fds(sock, _MAX_MESSAGE, 1)
@@ -251,23 +263,8 @@ def _serve(sock: socket.socket, session: Session) -> None:
             return
         if not data:
             return  # the caller is done, gave up, or died
-        out: list[int] = []
-        try:
-            request, args = pickle.loads(data)
-            if request not in _REQUESTS:
-                raise ValueError(f"unknown tracer request {request!r}")
-            value = _REQUESTS[request](session, *args, *fds)
-            if request in _FD_RESULTS:
-                out, reply = [value], ("fd", None)
-            else:
-                reply = ("ok", value)
-        except KernelError as e:
-            reply = ("kernel", (e.call, e.errno, e.detail, e.hint, getattr(e, "__notes__", [])))
-        except Exception as e:
-            reply = ("error", e)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        reply, out = _handle(session, data, fds, attached)
+        attached = None  # (the first request's alone)
         try:
             try:
                 message = pickle.dumps(reply)
@@ -281,3 +278,29 @@ def _serve(sock: socket.socket, session: Session) -> None:
         finally:
             for fd in out:
                 os.close(fd)
+
+
+def _handle(session: Session, data: bytes, fds: list[int],
+            attached: _Reply | None = None) -> _Reply:
+    """Run one request (closing the fds that came with it): its reply, or `attached` for an
+    `attach`."""
+    out: list[int] = []
+    try:
+        request, args = pickle.loads(data)
+        if request == "attach" and attached is not None:
+            return attached
+        if request not in _REQUESTS:
+            raise ValueError(f"unknown tracer request {request!r}")
+        value = _REQUESTS[request](session, *args, *fds)
+        if request in _FD_RESULTS:
+            out, reply = [value], ("fd", None)
+        else:
+            reply = ("ok", value)
+    except KernelError as e:
+        reply = ("kernel", (e.call, e.errno, e.detail, e.hint, getattr(e, "__notes__", [])))
+    except Exception as e:
+        reply = ("error", e)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return reply, out
