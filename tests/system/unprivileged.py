@@ -5,6 +5,7 @@ coordinator it attacks, its socket open to group 65534 as `coordinator --socket-
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import shutil
@@ -210,8 +211,13 @@ class Served:
         self.sock, self.proc, self._log = sock, proc, log
 
     def logged(self) -> str:
-        self._log.seek(0)
-        return str(self._log.read())
+        """All the coordinator has logged so far. Read with pread: the coordinator's stderr
+        shares the file's offset, which a seek of ours would move under its next write."""
+        fd, chunks, at = self._log.fileno(), [], 0
+        while chunk := os.pread(fd, 1 << 16, at):
+            chunks.append(chunk)
+            at += len(chunk)
+        return b"".join(chunks).decode(errors="replace")
 
 
 @contextmanager
@@ -223,9 +229,11 @@ def root_coordinator(shm_path: str, *options: str,
     where = tempfile.mkdtemp(prefix="uffdsnap-trust-")  # (pytest's tmp_path is root's alone)
     os.chmod(where, 0o711)
     sock = os.path.join(where, "c.sock")
-    # (appending: the coordinator's stderr shares this file's offset with us, and logged()
-    # seeks to 0 to read; without O_APPEND its next lines overwrite the first ones)
+    # (its stderr shares the file's offset with us: logged() reads with pread, never moving
+    # it, and the file is O_APPEND, which TemporaryFile("a+") alone does not set)
     with tempfile.TemporaryFile("a+") as log:
+        fcntl.fcntl(log.fileno(), fcntl.F_SETFL,
+                    fcntl.fcntl(log.fileno(), fcntl.F_GETFL) | os.O_APPEND)
         proc = subprocess.Popen([sys.executable, "-m", "uffdsnap", "coordinator", "--shm",
                                  shm_path, "--listen", sock, "--socket-group", str(NOBODY),
                                  *options], stdout=subprocess.PIPE, stderr=log, text=True,
