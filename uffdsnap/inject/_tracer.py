@@ -89,14 +89,17 @@ def _tracer_for(pid: int, tid: int) -> tuple[int, socket.socket]:
     started = _STARTED.pop(pid, None)  # (atomic: sessions run in many threads)
     if started is not None:
         started_tid, child, sock = started
-        if started_tid == tid and not _exited(child):
+        reaped = _reaped(child)
+        if started_tid == tid and not reaped:
             return child, sock
         sock.close()  # (another thread now: it lets go of that one and exits)
-        _reap_later(child)
+        if not reaped:
+            _reap_later(child)
     return _fork_tracer(pid, tid, early=False)
 
 
-def _exited(child: int) -> bool:
+def _reaped(child: int) -> bool:
+    """Whether the tracer has exited (it is reaped here if so)."""
     try:
         return os.waitpid(child, os.WNOHANG)[0] != 0
     except ChildProcessError:
