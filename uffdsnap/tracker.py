@@ -34,6 +34,9 @@ def boot_ticks() -> int:
 # REGISTER/UNREGISTER report ENOMEM, the others ESRCH.
 GONE = (errno.ESRCH, errno.ENOMEM)
 EAGAIN_RETRIES = 2000
+# Delegated mode: how long an ioctl that meets EAGAIN waits for the coordinator's core to read
+# the pending event before reading it here (past that, it has stopped reading)
+COORDINATOR_READ_WAIT_S = 0.25
 
 
 @dataclass(eq=False)
@@ -62,6 +65,10 @@ class Tracker:
     # Who reads this uffd's messages when an ioctl meets EAGAIN: by default we do (into
     # `backlog`); a coordinator's native core, the only reader of a delegated uffd, sets its own.
     drain: Callable[[], int] | None = None
+    # Delegated mode: the coordinator's core reads this uffd, so an ioctl of ours that meets
+    # EAGAIN waits (bounded) for it to read the pending event. Read here, a fork's child uffd
+    # would be installed in the agent, where nobody serves that child's faults.
+    coordinator_reads: bool = False
     # Mappings found unprotected while protected (grown by mremap, or new): writes may have
     # reached them before we protected them, so they fail the snapshot (the agent reports them).
     escapes: list[str] = field(default_factory=list)
@@ -76,6 +83,7 @@ class Tracker:
     def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Run one uffd ioctl; while a fork/remap/remove event is pending the kernel answers
         EAGAIN: read the pending events (kept in `backlog` for the reader) and retry."""
+        waited_until = 0.0
         for _ in range(EAGAIN_RETRIES):
             try:
                 fn(*args, **kwargs)
@@ -83,6 +91,11 @@ class Tracker:
             except KernelError as e:
                 if e.errno != errno.EAGAIN:
                     raise
+            if self.coordinator_reads:
+                waited_until = waited_until or time.monotonic() + COORDINATOR_READ_WAIT_S
+                if time.monotonic() < waited_until:
+                    time.sleep(0.0005)  # for the coordinator's core to read it
+                    continue
             if self.drain is not None:
                 got = self.drain()
             else:

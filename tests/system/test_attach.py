@@ -32,9 +32,10 @@ from uffdsnap.testing import build as devbuild
 pytestmark = needs_root
 
 
-def _snapshot(shm_path: str, out: str, mode: str) -> subprocess.CompletedProcess[str]:
+def _snapshot(shm_path: str, out: str, mode: str, *more: str
+              ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "uffdsnap", "snapshot", "-v", "--shm", shm_path,
-                           "-o", out, "--json", "--mode", mode], capture_output=True,
+                           "-o", out, "--json", "--mode", mode, *more], capture_output=True,
                           text=True, timeout=120)
 
 
@@ -45,14 +46,8 @@ def test_fork_chain_is_caught_and_tracked_from_birth(lifetime_ms: int, mode: str
     """Writer 0 is a chain of processes, each forking its successor and exiting every
     `lifetime_ms`: the agent host attaches the current one before it is gone, and once it is
     protected its forks are tracked from birth. Three snapshots in a row, each one instant."""
-    make_workload(shm_path, 2, data_pages=256)
-    chain = subprocess.Popen([str(devbuild.build("chain")), "--object", shm_path, "--index",
-                              "0", "--lifetime-ms", str(lifetime_ms)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    SPAWNED.append(chain)
-    plain = start_writers(shm_path, native=1, first_index=1)
+    plain = _chain_beside_a_writer(shm_path, lifetime_ms, data_pages=256)
     try:
-        wait_line(chain.stdout, "ready")
         for n in range(3):
             out = str(tmp_path / f"chain{n}.img")
             before = wl.read_live_seqs(shm_path)
@@ -68,6 +63,49 @@ def test_fork_chain_is_caught_and_tracked_from_birth(lifetime_ms: int, mode: str
     finally:
         wl.set_stop(shm_path)
         stop_writers(shm_path, plain)
+
+
+@pytest.mark.parametrize("mode", ["agents", "delegated"])
+def test_a_chain_forking_all_through_the_copy_stays_tracked(mode: str, shm_path: str,
+                                                            tmp_path: Path) -> None:
+    """A fork chain whose processes live LIFETIME_MS, through a copy slowed to about 1.6 s (a
+    test hook): a hundred forks and exits while protected, beside a writer whose faults keep
+    every uffd busy with un-protects. A fork event an un-protect or a protect reads (it met
+    EAGAIN) just before its parent exits is followed: the child is tracked and served, neither
+    dropped with its parent's uffd nor left with a reader that does not serve it."""
+    plain = _chain_beside_a_writer(shm_path, LIFETIME_MS, data_pages=4096)
+    hooks = json.dumps({"scan_delay_s": 0.1})  # each of the 16 windows of the copy
+    try:
+        for n in range(3):
+            out = str(tmp_path / f"chain{n}.img")
+            proc = _snapshot(shm_path, out, mode, "--test-hooks", hooks)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            result = wl.check_file(out)
+            assert result.ok, result.summary()
+    finally:
+        wl.set_stop(shm_path)
+        stop_writers(shm_path, plain)
+
+
+LIFETIME_MS = 5
+
+
+def _chain_beside_a_writer(shm_path: str, lifetime_ms: int,
+                           data_pages: int) -> list[wl.WriterProcess]:
+    """Writer 0: a fork chain (helpers/chain.c), ready; writer 1: a native writer (returned)."""
+    make_workload(shm_path, 2, data_pages=data_pages)
+    chain = subprocess.Popen([str(devbuild.build("chain")), "--object", shm_path, "--index",
+                              "0", "--lifetime-ms", str(lifetime_ms)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    SPAWNED.append(chain)
+    plain = start_writers(shm_path, native=1, first_index=1)
+    try:
+        wait_line(chain.stdout, "ready")
+    except BaseException:
+        wl.set_stop(shm_path)
+        stop_writers(shm_path, plain)
+        raise
+    return plain
 
 
 def _assert_times_reported(s: dict[str, int]) -> None:

@@ -88,6 +88,7 @@ class Agent:
         self.releasing = False  # between un-protecting and unregistering, at release
         self.keeping = False  # the last release kept protection (write tracking)
         self.written: set[int] = set()  # since then: offsets of pages we un-protected
+        self._backlog_locks: dict[Tracker, trio.Lock] = {}  # (see handle_backlog)
 
     def add(self, tracker: Tracker) -> None:
         if not tracker.ident:
@@ -247,8 +248,17 @@ class Agent:
                 except KernelError:
                     self.drop(tracker)
                     return
-            while tracker.backlog:
+            await self.handle_backlog(tracker)
+
+    async def handle_backlog(self, tracker: Tracker) -> None:
+        """Handle, in order, the events read for `tracker` so far: by its reader, or before the
+        uffds are delegated (one at a time: whoever comes second finds fewer)."""
+        lock = self._backlog_locks.setdefault(tracker, trio.Lock())
+        async with lock:
+            while tracker.backlog and tracker in self.trackers:
                 await self._event(tracker, tracker.backlog.popleft())
+        if tracker not in self.trackers:
+            self._backlog_locks.pop(tracker, None)
 
     async def _event(self, tracker: Tracker, event: K.UffdEvent) -> None:
         if isinstance(event, K.PageFault):

@@ -43,12 +43,12 @@ def delegated_event(agent: Agent, msg: Event, fds: list[int]) -> None:
     if tracker is None:
         parent = agent.departed.get(msg.tracker)
         if msg.kind == "fork" and parent is not None and fd >= 0:
-            adopt_child(agent, parent, fd, msg.child)  # it forked, then exited
+            adopt_child(agent, parent, fd, msg.child, from_coordinator=True)  # (then exited)
         elif fd >= 0:
             os.close(fd)
         return
     if msg.kind == "fork":
-        adopt_child(agent, tracker, fd, msg.child)
+        adopt_child(agent, tracker, fd, msg.child, from_coordinator=True)
     elif msg.kind == "remap":
         tracker.remapped(K.Remap(msg.a, msg.b, msg.c))
     elif msg.kind == "unmap":
@@ -68,8 +68,10 @@ def departed_event(agent: Agent, ident: int, msg: bytes) -> None:
         K.close_fork_uffd(msg)
 
 
-def adopt_child(agent: Agent, parent: Tracker, uffd: int, ident: int = 0) -> None:
-    """Track a child forked by `parent` (its uffd came with the fork event); find its pid."""
+def adopt_child(agent: Agent, parent: Tracker, uffd: int, ident: int = 0, *,
+                from_coordinator: bool = False) -> None:
+    """Track a child forked by `parent` (its uffd came with the fork event, read by us or, in
+    delegated mode, by the coordinator, which then serves it); find its pid."""
     log.debug("pid %s forked (protected %s, registered %s)", parent.pid, parent.protected,
               parent.registered)
     child = Tracker(uffd, None, parent.object_id, parent.page_size, list(parent.mappings),
@@ -78,6 +80,8 @@ def adopt_child(agent: Agent, parent: Tracker, uffd: int, ident: int = 0) -> Non
                     registered_since=parent.registered_since or boot_ticks(), ident=ident,
                     # write tracking: it inherited its parent's protection, page for page
                     kept=parent.kept, gap=parent.gap)
+    if from_coordinator:
+        child.coordinator_reads = True  # (before protect_registered below meets EAGAIN)
     if agent.hooks.get("drop_forks"):  # wrong on purpose: untracked, yet reported tracked
         child.release()
         child.mappings = []

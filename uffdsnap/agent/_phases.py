@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BACKLOG_S = 1.0  # (bounds _forks_read_here_adopted)
+
 
 async def on_protect(agent: Agent, chan: Channel, msg: Protect) -> None:
     """Protect every tracked process, hand the uffds (delegated) or a fault channel (agents
@@ -65,6 +67,7 @@ async def on_protect(agent: Agent, chan: Channel, msg: Protect) -> None:
     log.debug("agent for pid %d protected %s", agent.pid,
               [(t.pid, len(t.registered)) for t in agent.trackers])
     if agent.delegate:
+        await _forks_read_here_adopted(agent)
         for t in list(agent.trackers):
             if t not in agent.trackers:
                 continue  # dropped while we sent the others (its uffd is closed)
@@ -74,6 +77,7 @@ async def on_protect(agent: Agent, chan: Channel, msg: Protect) -> None:
                 await chan.send(Delegate(t.ident, t.pid or 0, spans), fds=[lent])
             finally:
                 os.close(lent)
+            t.coordinator_reads = True
     elif theirs is not None:
         assert agent.core is not None
         for t in list(agent.trackers):
@@ -94,6 +98,8 @@ async def on_release(agent: Agent, chan: Channel, msg: Release) -> None:
     children forked meanwhile, unregister, and report. With `keep` (write tracking), nothing
     is un-protected or unregistered: the pages still protected stay so, and their next writes
     fault to us, which we forward as between snapshots."""
+    for tracker in agent.trackers:
+        tracker.coordinator_reads = False  # (delegated: it closed its copies before Release)
     await children_found(agent)  # so that `tracked` precedes `released`
     stop_core(agent)  # (fork events it read last: their children adopted)
     agent.departed.clear()
@@ -130,6 +136,16 @@ async def on_release(agent: Agent, chan: Channel, msg: Release) -> None:
                              agent.unnamed_children))
     if not agent.trackers:
         await agent.tracked_changed()  # (ends us if our process is gone)
+
+
+async def _forks_read_here_adopted(agent: Agent) -> None:
+    """Delegated: the events our protect read (an ioctl met EAGAIN) are handled before the
+    uffds go to the coordinator, so that a child forked meanwhile goes with them (here, once
+    lent, nobody would serve its faults). Its own protect may read more: until none is left."""
+    with trio.move_on_after(BACKLOG_S):
+        while waiting := [t for t in agent.trackers if t.backlog]:
+            for t in waiting:
+                await agent.handle_backlog(t)
 
 
 def _protect(agent: Agent, tracker: Tracker) -> list[Mapping]:

@@ -195,12 +195,26 @@ class CoreLink:
                         log.debug("event of dropped uffd %d: %s", ev.ident,
                                   K.decode_message(ev.msg))
                         K.close_fork_uffd(ev.msg)
-                elif ev.kind == SC_GONE:  # exited or exec'd: nothing left to protect there
-                    self.drop(*entry)
+                elif ev.kind == SC_GONE:
+                    self._gone(ev.ident, *entry)
                 else:
                     self._event(ev.ident, *entry, K.decode_message(ev.msg))
             if ranges:
                 self.unprotect(ranges)
+
+    def _gone(self, key: int, peer: Peer, tracker: Tracker) -> None:
+        """Its process exited or exec'd: nothing left to protect there. But a fork the core read
+        just before (an un-protect met EAGAIN and drained it) and had not handled yet has a
+        child that lives on, registered and protected: it is followed, never closed (closing its
+        uffd would let it write untracked)."""
+        for msg in self.core.take_pending(key):
+            event = K.decode_message(msg)
+            if isinstance(event, K.Fork):
+                log.debug("pid %s (tracker %d) forked, then exited", tracker.pid, tracker.ident)
+                self._follow(peer, tracker, event)
+            else:
+                K.close_fork_uffd(msg)
+        self.drop(peer, tracker)
 
     def _event(self, key: int, peer: Peer, tracker: Tracker, event: K.UffdEvent) -> None:
         try:

@@ -277,7 +277,8 @@ class SnapCore:
                 return out
 
     def take_pending(self, ident: int) -> list[bytes]:
-        """After stop(): the uffd messages the core read but did not handle, in order."""
+        """The uffd messages the core read but did not handle, in order: after stop(), or of a
+        uffd it reported gone (it handles none of its messages any more)."""
         out: list[bytes] = []
         while True:
             buf = ctypes.create_string_buffer(32 * 256)
