@@ -556,6 +556,36 @@ def test_a_started_tracer_nobody_claims_lets_go(spawn, monkeypatch):
     assert target.finish() == 0
 
 
+@needs_root
+def test_a_target_asks_a_short_slice_while_injected_and_gets_its_own_back(spawn):
+    """While we drive it (each injected call makes it run a few times, and with every CPU busy
+    each run waits for a turn) the thread we inject into asks EEVDF's shortest slice, its nice
+    value kept; released, it has its own slice and nice value back. Its other threads are not
+    touched."""
+    from uffdsnap.native import sched
+
+    target = spawn("--thread")
+    own = sched.ask_slice(target.tid, 5_000_000)  # a slice and a nice value of its own
+    os.setpriority(os.PRIO_PROCESS, target.tid, 3)
+    assert own is not None and _slice_of(target.pid, target.tid) == 5_000_000
+    worker = _slice_of(target.pid, target.worker_tid)
+    with injected(target.pid, target.tid) as t:
+        assert _slice_of(target.pid, target.tid) == sched.SHORTEST_SLICE_NS
+        assert os.getpriority(os.PRIO_PROCESS, target.tid) == 3
+        assert t.syscall(SYS_GETPID) == target.pid
+        assert _slice_of(target.pid, target.worker_tid) == worker
+    assert _slice_of(target.pid, target.tid) == 5_000_000
+    assert os.getpriority(os.PRIO_PROCESS, target.tid) == 3
+    assert_released(target)
+    assert target.finish() == 0
+
+
+def _slice_of(pid: int, tid: int) -> int:
+    """The slice the scheduler gives thread `tid` of `pid` (ns), as /proc says."""
+    with open(f"/proc/{pid}/task/{tid}/sched") as f:
+        return int(next(line for line in f if line.startswith("se.slice")).split(":")[1])
+
+
 def wait_status(pid: int, field: str, value: str) -> None:
     """Poll until /proc/PID/status says `field` is `value` (no event exists for that)."""
     deadline = time.monotonic() + DEADLINE

@@ -140,6 +140,7 @@ class Session:
             if not self.gone:
                 errors.insert(0, e)
         finally:
+            self.tracee.restore_slice()  # (if not done yet: our detach failed)
             try:
                 self.others.resume()
             except KernelError as e:

@@ -42,7 +42,7 @@ from uffdsnap.inject._x86_64 import (
     find_syscall_instruction,
     stop_point,
 )
-from uffdsnap.native import ptrace
+from uffdsnap.native import ptrace, sched
 from uffdsnap.native.libc import KernelError
 
 _T = TypeVar("_T")
@@ -136,6 +136,7 @@ class Tracee:
         self.mem_fd = -1
         self.filters: list[bytes] | None = None  # seccomp filters, [] when none
         self.seccomp_trapped = False  # an injected call got SIGSYS from seccomp
+        self.slice: sched.Slice | None = None  # its own, while we drive it (see attach)
 
     # -- ptrace --
 
@@ -182,6 +183,9 @@ class Tracee:
         self.attached = True
         self._ptrace(ptrace.interrupt)
         self._run_to_event_stop("ptrace(PTRACE_INTERRUPT)", None)
+        # each call we inject makes it run a few times: with every CPU busy, a short slice
+        # (its CPU share unchanged) spares it a wait for a turn each time; put back at detach
+        self.slice = sched.short_slice(self.tid)
         self.saved = self._ptrace(ptrace.getregs)
         if self.saved.cs != USER_CS:
             raise KernelError("ptrace injection", errno.ENOEXEC, self.detail,
@@ -272,6 +276,7 @@ class Tracee:
         # syscall-restart logic exactly as they would have without us.
         self._settle("ptrace(PTRACE_INTERRUPT)")
         self._put_back()
+        self.restore_slice()
         self._ptrace(ptrace.detach)
         self.attached = False
 
@@ -401,6 +406,10 @@ class Tracee:
         if done != len(data):
             raise KernelError("write target memory", errno.EFAULT,
                               f"{self.detail}, addr={addr:#x}, len={len(data)}")
+
+    def restore_slice(self) -> None:
+        sched.restore(self.slice)
+        self.slice = None
 
     def close(self) -> None:
         """Close our handle on its memory (after detach, or when it is gone)."""

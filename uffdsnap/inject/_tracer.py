@@ -32,7 +32,7 @@ from typing import NoReturn
 
 from uffdsnap.inject._lend import give_fd
 from uffdsnap.inject._session import Session
-from uffdsnap.native import scm
+from uffdsnap.native import sched, scm
 from uffdsnap.native.libc import KernelError
 
 _MAX_MESSAGE = 1 << 16  # a pickled request or reply (a seqpacket message fits one buffer)
@@ -239,6 +239,7 @@ def _tracer_main(sock: socket.socket, pid: int, tid: int, early: bool) -> NoRetu
                     os.close(int(name))
                 except OSError:
                     pass  # the listing's own fd
+        sched.short_slice()  # (we wait for the target, then run a moment: see Tracee.attach)
         session = Session(pid, tid)
         try:
             attached = _handle(session, _ATTACH, []) if early else None
