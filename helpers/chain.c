@@ -4,7 +4,10 @@
  * seq in the counter page) and exits. Like a daemon that re-execs itself, or a pre-forking
  * server recycling its workers, faster than an agent can be started for each.
  *
- * usage: chain --object PATH --index I [--lifetime-ms L] [--rate R]
+ * usage: chain --object PATH --index I [--lifetime-ms L] [--tracked-lifetime-ms T] [--rate R]
+ * With --tracked-lifetime-ms, a process whose mapping of the object is registered with a uffd
+ * for write-protection (VmFlags "uw" in /proc/self/smaps, looked at when it is born) lives T ms
+ * instead: a chain slow enough to attach that forks fast once a snapshot tracks it.
  * Prints "ready pid=P index=I" once (the first process, flushed); each process prints nothing
  * else. Stops when the header's stop word is set (the current process exits 0).
  */
@@ -24,6 +27,27 @@
 #include "util.h"
 #include "workload.h"
 
+/* Is the mapping at `addr` registered for uffd write-protection (VmFlags "uw")? */
+static int wp_registered(const void *addr)
+{
+    FILE *f = fopen("/proc/self/smaps", "re");
+    if (!f)
+        return 0;
+    char line[512], start[32];
+    snprintf(start, sizeof start, "%lx-", (unsigned long)addr);
+    int in = 0, found = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (strchr(line, '-') && strncmp(line, start, strlen(start)) == 0)
+            in = 1;
+        else if (in && strncmp(line, "VmFlags:", 8) == 0) {
+            found = strstr(line, " uw") != NULL;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -31,10 +55,11 @@ int main(int argc, char **argv)
         { "index", required_argument, NULL, 'i' },
         { "lifetime-ms", required_argument, NULL, 'l' },
         { "rate", required_argument, NULL, 'r' },
+        { "tracked-lifetime-ms", required_argument, NULL, 't' },
         { NULL, 0, NULL, 0 },
     };
     const char *path = NULL;
-    uint64_t index = UINT64_MAX, lifetime_ms = 30;
+    uint64_t index = UINT64_MAX, lifetime_ms = 30, tracked_ms = 0;
     double rate = 0;
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -46,11 +71,15 @@ int main(int argc, char **argv)
             lifetime_ms = parse_u64("--lifetime-ms", optarg);
         else if (c == 'r')
             rate = parse_rate("--rate", optarg);
+        else if (c == 't')
+            tracked_ms = parse_u64("--tracked-lifetime-ms", optarg);
         else
-            die(2, "usage: chain --object PATH --index I [--lifetime-ms L] [--rate R]");
+            die(2, "usage: chain --object PATH --index I [--lifetime-ms L] "
+                   "[--tracked-lifetime-ms T] [--rate R]");
     }
     if (!path || index == UINT64_MAX)
-        die(2, "usage: chain --object PATH --index I [--lifetime-ms L] [--rate R]");
+        die(2, "usage: chain --object PATH --index I [--lifetime-ms L] "
+                   "[--tracked-lifetime-ms T] [--rate R]");
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
         die(2, "open %s: %s", path, strerror(errno));
@@ -70,7 +99,9 @@ int main(int argc, char **argv)
     fflush(stdout);
     for (;;) { /* one generation */
         const uint64_t born = now_ns(), ops0 = w.ops;
-        while (now_ns() - born < lifetime_ms * 1000000ULL) {
+        const uint64_t life_ms = tracked_ms && wp_registered((const void *)all) ? tracked_ms
+                                                                             : lifetime_ms;
+        while (now_ns() - born < life_ms * 1000000ULL) {
             if (wl_stopped(&w))
                 return 0;
             if (rate > 0)

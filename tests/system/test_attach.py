@@ -68,15 +68,16 @@ def test_fork_chain_is_caught_and_tracked_from_birth(lifetime_ms: int, mode: str
 @pytest.mark.parametrize("mode", ["agents", "delegated"])
 def test_a_chain_forking_all_through_the_copy_stays_tracked(mode: str, shm_path: str,
                                                             tmp_path: Path) -> None:
-    """A fork chain whose processes live LIFETIME_MS, through a copy slowed to about 1.6 s (a
-    test hook): a hundred forks and exits while protected, beside a writer whose faults keep
-    every uffd busy with un-protects. A fork event an un-protect or a protect reads (it met
-    EAGAIN) just before its parent exits is followed: the child is tracked and served, neither
+    """A fork chain whose processes live 50 ms while untracked (attachable: see above) and
+    2 ms once born registered, through copies slowed to about 1.6 s (a test hook), five in a
+    row: hundreds of forks and exits while protected, beside a writer whose faults keep every
+    uffd busy with un-protects. A fork event an un-protect or a protect reads (it met EAGAIN)
+    just before its parent exits is followed: the child is tracked and served, neither
     dropped with its parent's uffd nor left with a reader that does not serve it."""
-    plain = _chain_beside_a_writer(shm_path, LIFETIME_MS, data_pages=4096)
+    plain = _chain_beside_a_writer(shm_path, 50, data_pages=4096, tracked_lifetime_ms=2)
     hooks = json.dumps({"scan_delay_s": 0.1})  # each of the 16 windows of the copy
     try:
-        for n in range(3):
+        for n in range(5):
             out = str(tmp_path / f"chain{n}.img")
             proc = _snapshot(shm_path, out, mode, "--test-hooks", hooks)
             assert proc.returncode == 0, proc.stderr[-4000:]
@@ -87,15 +88,15 @@ def test_a_chain_forking_all_through_the_copy_stays_tracked(mode: str, shm_path:
         stop_writers(shm_path, plain)
 
 
-LIFETIME_MS = 5
-
-
-def _chain_beside_a_writer(shm_path: str, lifetime_ms: int,
-                           data_pages: int) -> list[wl.WriterProcess]:
-    """Writer 0: a fork chain (helpers/chain.c), ready; writer 1: a native writer (returned)."""
+def _chain_beside_a_writer(shm_path: str, lifetime_ms: int, data_pages: int,
+                           tracked_lifetime_ms: int = 0) -> list[wl.WriterProcess]:
+    """Writer 0: a fork chain (helpers/chain.c), ready; writer 1: a native writer
+    (returned)."""
     make_workload(shm_path, 2, data_pages=data_pages)
+    tracked = (["--tracked-lifetime-ms", str(tracked_lifetime_ms)]
+               if tracked_lifetime_ms else [])
     chain = subprocess.Popen([str(devbuild.build("chain")), "--object", shm_path, "--index",
-                              "0", "--lifetime-ms", str(lifetime_ms)],
+                              "0", "--lifetime-ms", str(lifetime_ms), *tracked],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     SPAWNED.append(chain)
     plain = start_writers(shm_path, native=1, first_index=1)

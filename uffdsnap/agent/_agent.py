@@ -248,7 +248,8 @@ class Agent:
                 except KernelError:
                     self.drop(tracker)
                     return
-            await self.handle_backlog(tracker)
+            if tracker.backlog:
+                await self.handle_backlog(tracker)
 
     async def handle_backlog(self, tracker: Tracker) -> None:
         """Handle, in order, the events read for `tracker` so far: by its reader, or before the
