@@ -32,7 +32,7 @@ class Slice:
 
     tid: int
     nice: int
-    runtime_ns: int  # 0: the kernel's default slice
+    runtime_ns: int  # as the kernel reported it (its default, if the thread asked none)
     flags: int
 
 
@@ -76,7 +76,7 @@ def ask_slice(tid: int, runtime_ns: int) -> Slice | None:
 
 
 def restore(before: Slice | None) -> None:
-    """Put back what `short_slice` changed (its nice value as it is now: ours to keep)."""
+    """Put back the slice `ask_slice` changed (the nice value stays as it is now)."""
     if before is None:
         return
     attr = _get(before.tid)
