@@ -23,6 +23,8 @@
 #include <unistd.h>
 
 #define HELPER_NAME "chain"
+#define USAGE "usage: chain --object PATH --index I [--lifetime-ms L] " \
+              "[--tracked-lifetime-ms T] [--rate R]"
 #define HELPER_INT_BASE 10
 #include "util.h"
 #include "workload.h"
@@ -37,7 +39,7 @@ static int wp_registered(const void *addr)
     snprintf(start, sizeof start, "%lx-", (unsigned long)addr);
     int in = 0, found = 0;
     while (fgets(line, sizeof line, f)) {
-        if (strchr(line, '-') && strncmp(line, start, strlen(start)) == 0)
+        if (strncmp(line, start, strlen(start)) == 0)
             in = 1;
         else if (in && strncmp(line, "VmFlags:", 8) == 0) {
             found = strstr(line, " uw") != NULL;
@@ -74,12 +76,10 @@ int main(int argc, char **argv)
         else if (c == 't')
             tracked_ms = parse_u64("--tracked-lifetime-ms", optarg);
         else
-            die(2, "usage: chain --object PATH --index I [--lifetime-ms L] "
-                   "[--tracked-lifetime-ms T] [--rate R]");
+            die(2, USAGE);
     }
     if (!path || index == UINT64_MAX)
-        die(2, "usage: chain --object PATH --index I [--lifetime-ms L] "
-                   "[--tracked-lifetime-ms T] [--rate R]");
+        die(2, USAGE);
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
         die(2, "open %s: %s", path, strerror(errno));

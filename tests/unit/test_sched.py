@@ -56,5 +56,5 @@ def test_a_thread_of_another_policy_is_left_alone() -> None:
 
 def test_nothing_to_put_back_is_fine() -> None:
     sched.restore(None)
-    gone = sched.Slice(tid=2**22 + 12345, nice=0, runtime_ns=1, flags=0)  # no such thread
+    gone = sched.Slice(tid=2**22 + 12345, runtime_ns=1, flags=0)  # no such thread
     sched.restore(gone)

@@ -113,6 +113,7 @@ class Agent:
             log.debug("pid %s: no longer tracked (%d events read, not handled)", tracker.pid,
                       len(tracker.backlog))
             self.trackers.remove(tracker)
+            self._backlog_locks.pop(tracker, None)  # a handler holding it keeps its own
             if tracker.pid is None and tracker.born_in_snapshot:
                 self.unnamed_children += 1  # tracked from birth, gone before /proc showed it
             if self._nursery is not None:
@@ -258,8 +259,6 @@ class Agent:
         async with lock:
             while tracker.backlog and tracker in self.trackers:
                 await self._event(tracker, tracker.backlog.popleft())
-        if tracker not in self.trackers:
-            self._backlog_locks.pop(tracker, None)
 
     async def _event(self, tracker: Tracker, event: K.UffdEvent) -> None:
         if isinstance(event, K.PageFault):

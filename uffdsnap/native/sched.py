@@ -31,7 +31,6 @@ class Slice:
     """What a fair thread had before we asked for a short slice: put back as it was."""
 
     tid: int
-    nice: int
     runtime_ns: int  # as the kernel reported it (its default, if the thread asked none)
     flags: int
 
@@ -71,7 +70,7 @@ def ask_slice(tid: int, runtime_ns: int) -> Slice | None:
     attr = _get(tid)
     if attr is None or attr.policy != SCHED_OTHER or attr.runtime == runtime_ns:
         return None
-    before = Slice(tid, attr.nice, attr.runtime, attr.flags)
+    before = Slice(tid, attr.runtime, attr.flags)
     return before if _set(tid, attr.nice, runtime_ns, attr.flags) else None
 
 
