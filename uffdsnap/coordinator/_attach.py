@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from uffdsnap import testhooks
+from uffdsnap import priority, testhooks
 from uffdsnap.errors import SnapshotFailed
 from uffdsnap.native.pidfd import pidfd_open
 from uffdsnap.procfs import ObjectId, process_running
@@ -203,7 +203,7 @@ def _our_priority() -> list[str]:
     runs the coordinator, as a forked host does (`uffdsnap snapshot --nice`: "this command and
     its agents"). Not inherited: trio starts programs from a worker thread, and Linux keeps a
     priority per thread."""
-    nice = os.getpriority(os.PRIO_PROCESS, 0)  # (0: the calling thread)
+    nice = priority.normal()  # (not the urgency of the way to T, which we start it on)
     return [f"--nice={nice}"] if nice else []
 
 

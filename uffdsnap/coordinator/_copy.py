@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from uffdsnap import priority
 from uffdsnap.image import extent_checksum
 from uffdsnap.native.fileops import punch_hole
 from uffdsnap.native.libc import KernelError
@@ -105,10 +106,12 @@ async def copy_all(core: SnapCore, writer: ImageWriter, fd: int, size: int, page
         if progress is not None:
             trio.from_thread.run_sync(progress, done, size, trio_token=token)
 
+    nice = priority.normal()
+
     async def worker() -> None:
         buf = bytearray(window)  # reused: a fresh one per window page-faults
-        error = await trio.to_thread.run_sync(_copy_loop, core, writer, scan, buf, on_progress,
-                                              delay_s)
+        error = await trio.to_thread.run_sync(priority.at_nice, nice, _copy_loop, core, writer,
+                                              scan, buf, on_progress, delay_s)
         if error:
             errors.append(error)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from uffdsnap import escapes
+from uffdsnap import escapes, priority
 from uffdsnap.coordinator._policy import BeforeT
 from uffdsnap.procfs import ScanUnstable
 from uffdsnap.stats import monotonic_ns
@@ -97,7 +97,8 @@ class EscapeAuditor:
         try:  # in a thread: the event loop keeps serving agents meanwhile
             # (within half the fault deadline: held writers wait on it)
             budget = min(escapes.SETTLE_S, coord.fault_deadline / 2)
-            found = await trio.to_thread.run_sync(escapes.audit, coord.obj, ignore,
+            found = await trio.to_thread.run_sync(priority.at_nice, priority.normal(),
+                                                  escapes.audit, coord.obj, ignore,
                                                   escapes.SAMPLE_PAGES, budget,
                                                   abandon_on_cancel=True)
         except (OSError, RuntimeError, ValueError) as e:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from uffdsnap import priority
 from uffdsnap.coordinator import _report
 from uffdsnap.coordinator._copy import StreamJob, copy_all, stream_all
 from uffdsnap.coordinator._delta import TrackedRun
@@ -180,14 +181,7 @@ class Run:
                     nursery.start_soon(_cancel_on, self.failed, scope)
                     nursery.start_soon(self.link.serve_events, self._channel_lost)
                     nursery.start_soon(watch_deadline, self)  # no writer waits on us longer
-                    if coord.attacher is not None and not coord.peers:
-                        with contextlib.suppress(ScanUnstable):  # (the look before T decides)
-                            await coord.attach_first()
-                    await test_pause(self, "joining")
-                    coord.escape_audit.arm(self)  # (it runs beside the copy: T does not wait)
-                    await self._protect()
-                    t.t_mono, t.t_wall = monotonic_ns(), time.time_ns()
-                    self._declare_t()
+                    await _way_to_t(self)
                     nursery.start_soon(coord.escape_audit.audit_armed, self)
                     nursery.start_soon(watch_removed, self)
                     await test_pause(self, "copying")
@@ -342,6 +336,24 @@ class Run:
         would wait for un-protects that cannot come."""
         if peer in self.policy.members and not peer.released.is_set() and peer.any_alive():
             self.fail(f"agent for pid {peer.pid} ({peer.comm}) lost: its fault channel closed")
+
+
+async def _way_to_t(run: Run) -> None:
+    """Join (a first snapshot), protect, declare T: at the highest share we may take (see
+    priority), our agent host too from the first protect, when writers start being held (not
+    while it injects: the targets it waits on would wait longer)."""
+    coord = run.coord
+    with priority.urgent():
+        if coord.attacher is not None and not coord.peers:
+            with contextlib.suppress(ScanUnstable):  # (the look before T decides)
+                await coord.attach_first()
+        await test_pause(run, "joining")
+        coord.escape_audit.arm(run)  # (it runs beside the copy: T does not wait)
+        host = coord.attacher.host_pid if coord.attacher is not None else None
+        with priority.urgent_thread(host):
+            await run._protect()
+            run.timeline.t_mono, run.timeline.t_wall = monotonic_ns(), time.time_ns()
+            run._declare_t()
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

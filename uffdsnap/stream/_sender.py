@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from uffdsnap import priority
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.stream._address import Address, parse_address
 from uffdsnap.stream._encoder import Encoder
@@ -195,7 +196,8 @@ class StreamSender:
         for start in range(0, len(data), limit):
             piece = data[start:start + limit]
             if self.options.compress and len(piece) >= THREAD_COMPRESS_BYTES:
-                record = await trio.to_thread.run_sync(self.encoder.pages, offset + start,
+                record = await trio.to_thread.run_sync(priority.at_nice, priority.normal(),
+                                                       self.encoder.pages, offset + start,
                                                        piece, True)
             else:  # (a faulted page compresses faster than a hand-off to a thread)
                 record = self.encoder.pages(offset + start, piece, self.options.compress)

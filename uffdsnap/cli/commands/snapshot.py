@@ -22,6 +22,7 @@ from uffdsnap.cli.summary import human_summary
 from uffdsnap.errors import SnapshotFailed, UserError
 from uffdsnap.image import check_replaceable, manifest_path, open_unnamed, publish_unnamed
 from uffdsnap.native.core import FAULT_DEADLINE_MS
+from uffdsnap.priority import URGENT_NICE
 from uffdsnap.procfs import ObjectError, open_object, own_age_ns
 from uffdsnap.protocol import (
     PROTOCOL_VERSION,
@@ -312,7 +313,8 @@ def add_nice_argument(parser: argparse.ArgumentParser) -> None:
         help=f"scheduling priority of this command and its agents while they run (default "
              f"{DEFAULT_NICE}, as root: the way to T and the copy compete with busy writers "
              "for the CPUs; 0 leaves it as inherited). The native core's fault thread runs at "
-             "-10 in any case")
+             f"-10 in any case, and from the request to T, while writers are held, the "
+             f"coordinator and its agent host run at {URGENT_NICE}")
 
 
 def add_mode_argument(parser: argparse.ArgumentParser) -> None:
