@@ -7,8 +7,9 @@ targets it waits on would wait longer). The copy and everything after T run at t
 own (`--nice`), as measured for the copy against fault service.
 
 Linux keeps a nice value per thread, and a thread starts with its creator's: a worker thread
-started while its creator was urgent would stay so, so work done in threads sets its own
-(`at_nice`). Best effort throughout: raising needs CAP_SYS_NICE (or RLIMIT_NICE)."""
+started while its creator was urgent would stay so, so work handed to a thread
+(`in_worker_thread`) sets its own. Best effort throughout: raising needs CAP_SYS_NICE (or
+RLIMIT_NICE)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
+
+import trio
 
 URGENT_NICE = -20
 
@@ -68,10 +71,17 @@ def urgent_thread(tid: int | None) -> Iterator[None]:
             _set(tid, before)
 
 
-def at_nice(nice: int, fn: Callable[..., _T], *args: object) -> _T:
-    """fn(*args) in the calling thread (a worker thread) at `nice`, whatever it inherited."""
-    set_this_thread(nice)
-    return fn(*args)
+async def in_worker_thread(fn: Callable[..., _T], *args: object,
+                           abandon_on_cancel: bool = False) -> _T:
+    """fn(*args) in a trio worker thread at our normal share (`normal()`), whatever that
+    thread inherited when it was started."""
+    nice = normal()
+
+    def at_nice() -> _T:
+        set_this_thread(nice)
+        return fn(*args)
+
+    return await trio.to_thread.run_sync(at_nice, abandon_on_cancel=abandon_on_cancel)
 
 
 def _raise(tid: int) -> int | None:

@@ -5,6 +5,7 @@ while the event loop was urgent. The image is still one instant."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,6 @@ from uffdsnap.priority import URGENT_NICE
 pytestmark = needs_root
 
 
-def _nice_of(tid: int) -> int:
-    """The nice value of thread `tid` (of any process), as /proc says."""
-    with open(f"/proc/{tid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19, nice
-
-
 async def test_writers_held_wait_on_urgent_threads_and_the_copy_runs_at_our_share(
         shm_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_workload(shm_path, 4, data_pages=256)
@@ -49,18 +44,19 @@ async def test_writers_held_wait_on_urgent_threads_and_the_copy_runs_at_our_shar
     try:
         with at_priority(DEFAULT_NICE):
             async with running_coordinator(shm_path, tmp_path) as (coordinator, _sock):
-                def host() -> int:
-                    assert coordinator.attacher is not None and coordinator.attacher.host_pid
-                    return coordinator.attacher.host_pid
+                def shares() -> tuple[int, int]:  # (ours, our agent host's)
+                    host = coordinator.attacher.host_pid if coordinator.attacher else None
+                    assert host
+                    return priority.this_thread(), os.getpriority(os.PRIO_PROCESS, host)
 
                 async def protecting() -> None:  # (every writer protected, T not declared)
-                    seen["protecting"] = (priority.this_thread(), _nice_of(host()))
+                    seen["protecting"] = shares()
                     # a worker thread born urgent, left idle in trio's cache: the next one
                     # used (the copy's) unless the copy sets its own share
                     await trio.to_thread.run_sync(lambda: None)
 
                 async def copying() -> None:
-                    seen["copying"] = (priority.this_thread(), _nice_of(host()))
+                    seen["copying"] = shares()
 
                 coordinator.test_hooks["at_phase"] = {"protecting": protecting,
                                                       "copying": copying}

@@ -1,6 +1,6 @@
 """Our threads' CPU share on the way to T (priority.py), on real threads of this process:
-raised as far as we may, put back however the block ends, and work in a thread born urgent
-run at the share it asks. Runs as root (raised) and unprivileged (left alone)."""
+raised as far as we may, put back however the block ends, and work handed to a worker
+thread born urgent run at the normal share. Runs as root (raised) and unprivileged (left alone)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+import trio
 
 from uffdsnap import priority
 from uffdsnap.priority import URGENT_NICE
@@ -59,16 +60,15 @@ def test_urgent_raises_what_it_may_and_puts_it_back_however_the_block_ends() -> 
     assert after == normal_after == OWN
 
 
-def test_work_in_a_thread_born_urgent_runs_at_the_share_it_asks() -> None:
+def test_work_in_a_worker_thread_born_urgent_runs_at_the_normal_share() -> None:
     def run() -> tuple[int, int]:
-        with priority.urgent():
-            normal = priority.normal()
-            out: list[tuple[int, int]] = []
-            worker = threading.Thread(target=lambda: out.append(
-                (priority.this_thread(), priority.at_nice(normal, priority.this_thread))))
-            worker.start()
-            worker.join(10)
-        return out[0]
+        async def main() -> tuple[int, int]:
+            with priority.urgent():  # (trio starts its worker threads from this thread)
+                born = await trio.to_thread.run_sync(priority.this_thread)  # (then cached)
+                worked = await priority.in_worker_thread(priority.this_thread)
+            return born, worked
+
+        return trio.run(main)
 
     born, worked = _in_a_thread(run)  # type: ignore[misc]
     assert born == (URGENT_NICE if _may_raise() else OWN)  # (what Linux gives a new thread)

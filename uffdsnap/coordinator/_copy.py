@@ -106,12 +106,10 @@ async def copy_all(core: SnapCore, writer: ImageWriter, fd: int, size: int, page
         if progress is not None:
             trio.from_thread.run_sync(progress, done, size, trio_token=token)
 
-    nice = priority.normal()
-
     async def worker() -> None:
         buf = bytearray(window)  # reused: a fresh one per window page-faults
-        error = await trio.to_thread.run_sync(priority.at_nice, nice, _copy_loop, core, writer,
-                                              scan, buf, on_progress, delay_s)
+        error = await priority.in_worker_thread(_copy_loop, core, writer, scan, buf,
+                                                on_progress, delay_s)
         if error:
             errors.append(error)
 

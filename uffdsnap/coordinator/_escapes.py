@@ -97,10 +97,9 @@ class EscapeAuditor:
         try:  # in a thread: the event loop keeps serving agents meanwhile
             # (within half the fault deadline: held writers wait on it)
             budget = min(escapes.SETTLE_S, coord.fault_deadline / 2)
-            found = await trio.to_thread.run_sync(priority.at_nice, priority.normal(),
-                                                  escapes.audit, coord.obj, ignore,
-                                                  escapes.SAMPLE_PAGES, budget,
-                                                  abandon_on_cancel=True)
+            found = await priority.in_worker_thread(escapes.audit, coord.obj, ignore,
+                                                    escapes.SAMPLE_PAGES, budget,
+                                                    abandon_on_cancel=True)
         except (OSError, RuntimeError, ValueError) as e:
             report, mappers = _failed(f"the escape audit could not run: {e}"), None
         else:

@@ -196,9 +196,8 @@ class StreamSender:
         for start in range(0, len(data), limit):
             piece = data[start:start + limit]
             if self.options.compress and len(piece) >= THREAD_COMPRESS_BYTES:
-                record = await trio.to_thread.run_sync(priority.at_nice, priority.normal(),
-                                                       self.encoder.pages, offset + start,
-                                                       piece, True)
+                record = await priority.in_worker_thread(self.encoder.pages, offset + start,
+                                                         piece, True)
             else:  # (a faulted page compresses faster than a hand-off to a thread)
                 record = self.encoder.pages(offset + start, piece, self.options.compress)
             await self._emit(record)
